@@ -1,0 +1,99 @@
+"""The one configuration model of pysnap (``/etc/pysnap/config.toml``).
+
+Each daemon has a section; every key is a dataclass field with a default and a
+one-line description.  Loading validates strictly: an unknown key or a value of
+the wrong type stops the daemon with a message naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("/etc/pysnap/config.toml")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"doc": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class SnapshotterConfig:
+    root: Path = _doc("Directory holding snapshots and metadata.db.", default=Path("/var/lib/pysnap/snapshotter"))
+    address: Path = _doc("Unix socket containerd dials ([proxy_plugins.pysnap] address).",
+                         default=Path("/run/pysnap/snapshotter.sock"))
+    mount_options: tuple[str, ...] = _doc("Extra overlay options appended to every overlay mount.", default=())
+    upperdir_label: bool = _doc("Add containerd.io/snapshot/overlay.upperdir to Stat/List/Update results.",
+                                default=False)
+    durable_metadata: bool = _doc("fsync metadata.db on every change (SQLite synchronous=FULL).", default=True)
+    workers: int = _doc("Threads doing disk work for RPCs.", default=8)
+    socket_group: str = _doc("Group owning the socket (mode 0660); empty keeps root's group.", default="")
+
+
+@dataclass(frozen=True)
+class Config:
+    snapshotter: SnapshotterConfig = field(default_factory=SnapshotterConfig)
+
+    @classmethod
+    def load(cls, path: Path | None) -> "Config":
+        """Read ``path`` (absent file → defaults when it is the default path)."""
+        if path is None:
+            return cls()
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            if Path(path) == DEFAULT_CONFIG_PATH:
+                return cls()
+            raise ConfigError(f"{path}: no such file")
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        return _build(cls, data, "")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown key {where}{key!r}; known keys: {', '.join(sorted(names))}")
+    values = {key: _convert(hints[key], value, f"{where}{key}") for key, value in data.items()}
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where + ".")
+    origin = typing.get_origin(hint)
+    if hint is Path:
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise ConfigError(f"{where}: expected an absolute path, got {value!r}")
+        return Path(value)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if isinstance(hint, types.UnionType):
+        raise ConfigError(f"{where}: unsupported type")
+    return value

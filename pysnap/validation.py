@@ -1,0 +1,30 @@
+"""Input checks shared by the daemons (each failure is an InvalidArgument)."""
+from __future__ import annotations
+
+from typing import Mapping
+
+from .errors import InvalidArgument
+
+MAX_LABEL_SIZE = 4096  # containerd: len(key) + len(value) of one label
+MAX_KEY_SIZE = 4096
+
+
+def validate_labels(labels: Mapping[str, str]) -> None:
+    for key, value in labels.items():
+        if len(key.encode()) + len(value.encode()) > MAX_LABEL_SIZE:
+            raise InvalidArgument(
+                f"label key and value greater than maximum size ({MAX_LABEL_SIZE} bytes), key: {key[:10]}"
+            )
+
+
+def validate_name(name: str, what: str = "key") -> None:
+    """A snapshot key/name is opaque text (containerd's contain ``/``, spaces and
+    ``:``), but never empty, never NUL, never a ``..`` path segment, never huge."""
+    if not name:
+        raise InvalidArgument(f"{what} must not be empty")
+    if "\x00" in name:
+        raise InvalidArgument(f"{what} {name!r} contains a NUL byte")
+    if ".." in name.split("/"):
+        raise InvalidArgument(f"{what} {name!r} contains a '..' path segment")
+    if len(name.encode()) > MAX_KEY_SIZE:
+        raise InvalidArgument(f"{what} is longer than {MAX_KEY_SIZE} bytes")

@@ -21,37 +21,34 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
 
 
-def _load(args: argparse.Namespace) -> Config:
-    config = Config.load(args.config)
-    section = config.snapshotter
-    overrides = {}
-    if getattr(args, "root", None):
-        overrides["root"] = args.root
-    if getattr(args, "address", None):
-        overrides["address"] = args.address
-    if overrides:
-        config = dataclasses.replace(config, snapshotter=dataclasses.replace(section, **overrides))
-    return config
+def _with_overrides(config: Config, section: str, **values: object) -> Config:
+    """``config`` with the non-empty ``values`` replacing keys of ``section``."""
+    values = {k: v for k, v in values.items() if v}
+    if not values:
+        return config
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **values)})
 
 
-def _serve_snapshotter(args: argparse.Namespace) -> int:
-    from snapshotter.daemon import run
-
-    asyncio.run(run(_load(args).snapshotter))
+def _serve(args: argparse.Namespace) -> int:
+    config = _with_overrides(Config.load(args.config), args.daemon, root=args.root, address=args.address)
+    if args.daemon == "snapshotter":
+        from snapshotter.daemon import run
+    else:
+        from content.daemon import run
+    asyncio.run(run(getattr(config, args.daemon)))
     return 0
 
 
 def _config_containerd(args: argparse.Namespace) -> int:
     config = Config.load(args.config)
-    if args.snapshotter_address:
-        config = dataclasses.replace(
-            config, snapshotter=dataclasses.replace(config.snapshotter, address=args.snapshotter_address)
-        )
-    if args.snapshotter_root:
-        config = dataclasses.replace(
-            config, snapshotter=dataclasses.replace(config.snapshotter, root=args.snapshotter_root)
-        )
-    sys.stdout.write(containerd_snippet(args.version, config))
+    config = _with_overrides(config, "snapshotter", address=args.snapshotter_address, root=args.snapshotter_root)
+    config = _with_overrides(config, "content", address=args.content_address)
+    try:
+        parts = tuple(p for p in args.plugins.split(",") if p)
+        sys.stdout.write(containerd_snippet(args.version, config, parts))
+    except ValueError as exc:
+        print(f"pysnap: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -63,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run a daemon").add_subparsers(dest="daemon", required=True)
-    snap = serve.add_parser("snapshotter", help="overlayfs snapshotter (containerd proxy plugin)")
-    snap.add_argument("--root", type=Path, help="state directory (default /var/lib/pysnap/snapshotter)")
-    snap.add_argument("--address", type=Path, help="unix socket (default /run/pysnap/snapshotter.sock)")
-    snap.set_defaults(func=_serve_snapshotter)
+    for daemon, what in (("snapshotter", "overlayfs snapshotter"), ("content", "content store")):
+        sub = serve.add_parser(daemon, help=f"{what} (containerd proxy plugin)")
+        sub.add_argument("--root", type=Path, help=f"state directory (default /var/lib/pysnap/{daemon})")
+        sub.add_argument("--address", type=Path, help=f"unix socket (default /run/pysnap/{daemon}.sock)")
+        sub.set_defaults(func=_serve)
 
     config = commands.add_parser("config", help="print configuration for other programs")
     config_targets = config.add_subparsers(dest="target", required=True)
@@ -74,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     ctd.add_argument("--version", required=True, choices=VERSIONS, help="containerd major version")
     ctd.add_argument("--snapshotter-address", type=Path, help="override the snapshotter socket path")
     ctd.add_argument("--snapshotter-root", type=Path, help="override the snapshotter root")
+    ctd.add_argument("--content-address", type=Path, help="override the content store socket path")
+    ctd.add_argument("--plugins", default="snapshotter,content",
+                     help="comma-separated parts to wire in: snapshotter, content (default: both)")
     ctd.set_defaults(func=_config_containerd)
     return parser
 

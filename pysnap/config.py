@@ -39,8 +39,21 @@ class SnapshotterConfig:
 
 
 @dataclass(frozen=True)
+class ContentConfig:
+    root: Path = _doc("Directory holding blobs/, ingest/ and metadata.db.", default=Path("/var/lib/pysnap/content"))
+    address: Path = _doc("Unix socket containerd dials ([proxy_plugins.pysnap-content] address).",
+                         default=Path("/run/pysnap/content.sock"))
+    durable_metadata: bool = _doc("fsync metadata.db on every change (SQLite synchronous=FULL).", default=True)
+    workers: int = _doc("Threads doing disk work for RPCs.", default=8)
+    socket_group: str = _doc("Group owning the socket (mode 0660); empty keeps root's group.", default="")
+    lock_wait_ms: int = _doc("How long a writer waits for a ref held by another writer before UNAVAILABLE.",
+                             default=1000)
+
+
+@dataclass(frozen=True)
 class Config:
     snapshotter: SnapshotterConfig = field(default_factory=SnapshotterConfig)
+    content: ContentConfig = field(default_factory=ContentConfig)
 
     @classmethod
     def load(cls, path: Path | None) -> "Config":

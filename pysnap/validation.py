@@ -1,7 +1,7 @@
-"""Input checks shared by the daemons (each failure is an InvalidArgument)."""
+"""Input checks and label-update rules shared by the daemons (failures are InvalidArgument)."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from .errors import InvalidArgument
 
@@ -28,3 +28,30 @@ def validate_name(name: str, what: str = "key") -> None:
         raise InvalidArgument(f"{what} {name!r} contains a '..' path segment")
     if len(name.encode()) > MAX_KEY_SIZE:
         raise InvalidArgument(f"{what} is longer than {MAX_KEY_SIZE} bytes")
+
+
+def updated_labels(current: Mapping[str, str], given: Mapping[str, str], fieldpaths: Sequence[str],
+                   what: str) -> dict[str, str]:
+    """containerd's Update rule for labels.
+
+    No field paths, or ``labels``: the labels become ``given``.  ``labels.<key>``:
+    that one key takes its value from ``given`` (absent or empty deletes it).
+    Any other path is refused; ``what`` names the object in that message.
+    """
+    validate_labels(given)
+    for path in fieldpaths:
+        if path != "labels" and not path.startswith("labels."):
+            raise InvalidArgument(f'cannot update "{path}" field on {what}')
+    if not fieldpaths:
+        return {k: v for k, v in given.items() if v}
+    labels = dict(current)
+    for path in fieldpaths:
+        if path == "labels":
+            labels = {k: v for k, v in given.items() if v}
+            continue
+        key = path[len("labels."):]
+        if given.get(key):
+            labels[key] = given[key]
+        else:
+            labels.pop(key, None)
+    return labels

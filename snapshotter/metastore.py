@@ -14,12 +14,12 @@ the row.  Parent chains are resolved with one recursive query.
 from __future__ import annotations
 
 import sqlite3
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from pysnap.errors import AlreadyExists, FailedPrecondition, NotFound
+from pysnap.sqlite import Database
 
 from .model import Kind, Record, Usage
 
@@ -64,41 +64,20 @@ class MetaStore:
     """Owner of ``metadata.db``; hands out read and write transactions."""
 
     def __init__(self, path: Path, *, durable: bool = True) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._lock = threading.RLock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        with self._lock:
-            self._db.executescript(_SCHEMA)
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise RuntimeError(f"{path}: metadata schema {version} is newer than this pysnap ({SCHEMA_VERSION})")
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._db = Database(path, _SCHEMA, SCHEMA_VERSION, durable=durable)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
     @contextmanager
     def read(self) -> Iterator["Transaction"]:
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                yield Transaction(self._db)
-            finally:
-                self._db.execute("COMMIT")
+        with self._db.read() as connection:
+            yield Transaction(connection)
 
     @contextmanager
     def write(self) -> Iterator["Transaction"]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield Transaction(self._db)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._db.write() as connection:
+            yield Transaction(connection)
 
 
 class Transaction:

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 from pysnap.config import SnapshotterConfig
 from pysnap.errors import FailedPrecondition, InvalidArgument, NotFound, Unknown
 from pysnap.filters import parse_all
-from pysnap.validation import validate_labels, validate_name
+from pysnap.validation import updated_labels, validate_labels, validate_name
 
 from .kernel import OverlayFeatures, is_tmpfs, mount_table
 from .metastore import MetaStore, Record, Transaction
@@ -118,25 +118,11 @@ class OverlaySnapshotter:
         return self._info(record)
 
     def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
-        validate_labels(info.labels)
-        for path in fieldpaths:
-            if path != "labels" and not path.startswith("labels."):
-                raise InvalidArgument(f'cannot update "{path}" field on snapshot "{info.name}"')
         with self.store.write() as tx:
             record = tx.find(info.name)
             if record is None:
                 raise NotFound(f"snapshot {info.name}")
-            labels = dict(info.labels) if not fieldpaths else dict(record.labels)
-            for path in fieldpaths:
-                if path == "labels":
-                    labels = dict(info.labels)
-                else:
-                    key = path[len("labels."):]
-                    value = info.labels.get(key, "")
-                    if value:
-                        labels[key] = value
-                    else:
-                        labels.pop(key, None)
+            labels = updated_labels(record.labels, info.labels, fieldpaths, f'snapshot "{info.name}"')
             record = tx.replace_labels(record, labels, self._clock())
         return self._info(record)
 

@@ -12,11 +12,12 @@ import functools
 from concurrent.futures import Executor
 from typing import Any, AsyncIterator, Callable, TypeVar
 
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 
 from pysnap._pb.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from pysnap._pb.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from pysnap._pb.containerd.types import mount_pb2
+from pysnap.wire import timestamp
 
 from .model import Info, Kind
 from .mounts import Mount
@@ -24,10 +25,6 @@ from .overlay import OverlaySnapshotter
 
 T = TypeVar("T")
 LIST_BATCH = 100
-
-
-def timestamp(ns: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
 
 
 def mounts_to_pb(mounts: list[Mount]) -> list[mount_pb2.Mount]:

@@ -4,9 +4,9 @@
     python scripts/gen_proto.py            # rewrite pysnap/_pb in place
     python scripts/gen_proto.py --out DIR  # write the tree elsewhere (the staleness test)
 
-The generated modules import each other as top-level ``containerd.*``; they are
-rewritten to ``pysnap._pb.containerd.*`` so that nothing claims the name
-``containerd`` in site-packages.
+The generated modules import each other by their proto paths (``containerd.*``,
+``nri.*``, ``ttrpc.*``); those imports are rewritten to ``pysnap._pb.…`` so that
+nothing claims such top-level names in site-packages.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def generate(out: Path) -> None:
     import grpc_tools
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
+    roots = "|".join(sorted(p.name for p in PROTO_ROOT.iterdir() if p.is_dir()))
     sources = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     with tempfile.TemporaryDirectory() as tmp:
         args = [
@@ -49,7 +50,7 @@ def generate(out: Path) -> None:
             rel = path.relative_to(tmp)
             target = out / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            text = re.sub(r"^(from|import) containerd\.", rf"\1 {PACKAGE}.containerd.", path.read_text(), flags=re.M)
+            text = re.sub(rf"^(from|import) ({roots})\b", rf"\1 {PACKAGE}.\2", path.read_text(), flags=re.M)
             target.write_text(HEADER + text)
         for directory in sorted(d for d in out.rglob("*") if d.is_dir()):
             init = directory / "__init__.py"

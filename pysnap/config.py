@@ -51,9 +51,42 @@ class ContentConfig:
 
 
 @dataclass(frozen=True)
+class NriConfig:
+    socket: Path = _doc("NRI socket of the runtime (external plugin mode).", default=Path("/var/run/nri/nri.sock"))
+    containerd_address: Path = _doc("containerd's gRPC socket, used to resolve and unpack images.",
+                                    default=Path("/run/containerd/containerd.sock"))
+    plugin_name: str = _doc("Name the plugin registers with.", default="pysnap")
+    plugin_index: str = _doc("Two-digit NRI plugin index (order among plugins).", default="10")
+    snapshotter: str = _doc("containerd snapshotter that volumes are created in.", default="pysnap")
+    mount_root: Path = _doc("Where volume snapshots are mounted on the host.", default=Path("/run/pysnap/nri"))
+    namespaces: tuple[str, ...] = _doc("containerd namespaces whose containers may get volumes.",
+                                       default=("k8s.io",))
+    allowed_images: tuple[str, ...] = _doc("Image references allowed as volumes (shell-style patterns).",
+                                           default=("*",))
+    forbidden_targets: tuple[str, ...] = _doc("Container paths no volume may be mounted at or below "
+                                              "('/' forbids only the root itself).",
+                                              default=("/", "/proc", "/sys", "/dev"))
+    max_volumes: int = _doc("Most volumes one container may get.", default=8)
+    allow_writable: bool = _doc('Allow "readonly": false (a private writable layer per container).',
+                                default=False)
+    unpack_wait_ms: int = _doc("How long CreateContainer waits for an image being unpacked before failing "
+                               "with a retriable error (NRI allows 2000 ms per request).", default=1200)
+    reconnect_max_ms: int = _doc("Longest pause between reconnect attempts to the NRI socket.", default=5000)
+
+
+@dataclass(frozen=True)
 class Config:
     snapshotter: SnapshotterConfig = field(default_factory=SnapshotterConfig)
     content: ContentConfig = field(default_factory=ContentConfig)
+    nri: NriConfig = field(default_factory=NriConfig)
+
+    @classmethod
+    def from_toml(cls, text: str, where: str = "config") -> "Config":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return _build(cls, data, "")
 
     @classmethod
     def load(cls, path: Path | None) -> "Config":
@@ -61,14 +94,12 @@ class Config:
         if path is None:
             return cls()
         try:
-            data = tomllib.loads(Path(path).read_text())
+            text = Path(path).read_text()
         except FileNotFoundError:
             if Path(path) == DEFAULT_CONFIG_PATH:
                 return cls()
-            raise ConfigError(f"{path}: no such file")
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        return _build(cls, data, "")
+            raise ConfigError(f"{path}: no such file") from None
+        return cls.from_toml(text, str(path))
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -78,7 +109,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise ConfigError(f"unknown key {where}{key!r}; known keys: {', '.join(sorted(names))}")
+            raise ConfigError(f"unknown key '{where}{key}'; known keys: {', '.join(sorted(names))}")
     values = {key: _convert(hints[key], value, f"{where}{key}") for key, value in data.items()}
     return cls(**values)
 

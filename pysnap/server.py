@@ -41,6 +41,15 @@ STATUS_OF = {
 }
 
 
+def error_from_status(code: grpc.StatusCode, message: str) -> errors.PysnapError:
+    """The pysnap error for a status a peer (e.g. containerd) answered with."""
+    for cls, status in STATUS_OF.items():
+        if status == code:
+            suffix = ": " + cls.kind
+            return cls(message[: -len(suffix)] if message.endswith(suffix) else message)
+    return errors.Unknown(f"{code.name}: {message}")
+
+
 def status_of(exc: errors.PysnapError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in STATUS_OF:

@@ -29,6 +29,16 @@ def _with_overrides(config: Config, section: str, **values: object) -> Config:
     return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **values)})
 
 
+def _serve_nri(args: argparse.Namespace) -> int:
+    from nri_bridge.daemon import run
+
+    config = _with_overrides(Config.load(args.config), "nri", socket=args.socket,
+                             containerd_address=args.containerd_address)
+    config = _with_overrides(config, "snapshotter", root=args.snapshotter_root)
+    asyncio.run(run(config.nri, config.snapshotter.root, log_events=args.log_events))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     config = _with_overrides(Config.load(args.config), args.daemon, root=args.root, address=args.address)
     if args.daemon == "snapshotter":
@@ -65,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--root", type=Path, help=f"state directory (default /var/lib/pysnap/{daemon})")
         sub.add_argument("--address", type=Path, help=f"unix socket (default /run/pysnap/{daemon}.sock)")
         sub.set_defaults(func=_serve)
+    nri = serve.add_parser("nri", help="NRI plugin mounting images and pysnap snapshots into containers")
+    nri.add_argument("--socket", type=Path, help="NRI socket (default /var/run/nri/nri.sock; ignored when "
+                                                 "launched by containerd with NRI_PLUGIN_SOCKET)")
+    nri.add_argument("--containerd-address", type=Path, help="containerd gRPC socket "
+                                                             "(default /run/containerd/containerd.sock)")
+    nri.add_argument("--snapshotter-root", type=Path, help="root of the pysnap snapshotter whose snapshots "
+                                                           "may be mounted (default /var/lib/pysnap/snapshotter)")
+    nri.add_argument("--log-events", action="store_true", help="subscribe to every NRI event and log each one")
+    nri.set_defaults(func=_serve_nri)
+    for sub in serve.choices.values():
+        sub.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                         help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
 
     config = commands.add_parser("config", help="print configuration for other programs")
     config_targets = config.add_subparsers(dest="target", required=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from pysnap.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, OutOfRange, Unavailable
+from pysnap.validation import validate_labels
 
 from .digests import digest_of, new_hasher, parse_digest
 from .model import IngestStatus, WriteAction, WriteRequest, WriteResponse
@@ -100,6 +101,7 @@ class Writer:
         now = self._clock()
         shutil.rmtree(self.directory, ignore_errors=True)
         self.directory.mkdir(mode=0o755, parents=True)
+        os.chmod(self.directory, 0o755)  # whatever the umask
         (self.directory / "ref").write_text(self.ref)
         (self.directory / "data").touch()
         write_atomically(self.directory / "startedat", str(now))
@@ -153,10 +155,14 @@ class Writer:
     def commit(self, size: int, expected: str, labels: dict[str, str]) -> str:
         """Verify and publish the blob; returns its digest.
 
-        Size or digest mismatch leaves the ingest in place (the client may fix
-        it and retry); an existing blob discards it (AlreadyExists)."""
+        Size or digest mismatch, or invalid labels, leave the ingest in place
+        (the client may fix it and retry); an existing blob discards it
+        (AlreadyExists)."""
         if self.closed:
             raise FailedPrecondition(f"cannot commit ingest {self.ref}: writer is closed")
+        validate_labels(labels)
+        if not (self.directory / "data").exists():
+            raise FailedPrecondition(f"ingest {self.ref} was aborted while being written")
         os.fsync(self._fd)
         actual_size = os.fstat(self._fd).st_size
         if size > 0 and size != actual_size:
@@ -171,8 +177,10 @@ class Writer:
         return digest
 
     def _discard(self) -> None:
-        self.close(record=False)
+        # Remove the ingest before releasing the ref: a writer waiting for the
+        # ref must not see the ingest it creates deleted under it.
         shutil.rmtree(self.directory, ignore_errors=True)
+        self.close(record=False)
 
     def close(self, record: bool = True) -> None:
         if self.closed:
@@ -196,6 +204,10 @@ class WriteSession:
     ``expected`` and a non-zero ``total`` are remembered across requests; STAT
     reports the digest so far; WRITE and COMMIT append at the client's offset;
     COMMIT then verifies and publishes, ending the session.
+
+    ``handle`` and ``close`` may be called from different threads (a cancelled
+    RPC closes the session while its last request may still be handled); they
+    never overlap.
     """
 
     def __init__(self, store: "ContentStore", first: WriteRequest) -> None:
@@ -208,8 +220,13 @@ class WriteSession:
         self.done = False
         self._started_ns = 0
         self._updated_ns = 0
+        self._busy = threading.Lock()
 
     def handle(self, request: WriteRequest) -> WriteResponse:
+        with self._busy:
+            return self._handle(request)
+
+    def _handle(self, request: WriteRequest) -> WriteResponse:
         if self.done:
             raise FailedPrecondition(f"ingest {self.writer.ref} already committed")
         writer = self.writer
@@ -217,8 +234,8 @@ class WriteSession:
             parse_digest(request.expected)
             self.expected = request.expected
             if self.store.exists(request.expected):
+                self.store.abort(writer.ref)  # before releasing the ref, as in Writer._discard
                 writer.close(record=False)
-                self.store.abort(writer.ref)
                 self.done = True
                 raise AlreadyExists(f"blob with expected digest {request.expected} exists")
         if request.total > 0:
@@ -237,4 +254,5 @@ class WriteSession:
         return WriteResponse(request.action, writer.offset, self.total, digest, self._started_ns, self._updated_ns)
 
     def close(self) -> None:
-        self.writer.close()
+        with self._busy:
+            self.writer.close()

@@ -66,6 +66,12 @@ class ContentServicer(pb_grpc.ContentServicer):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
+    async def _run_to_completion(self, fn: Callable[..., T], *args: Any) -> T:
+        """Like ``_run``, but cancelling the RPC does not cancel the call: it runs to
+        its end in the pool, so a ref lock it takes or releases is never lost."""
+        loop = asyncio.get_running_loop()
+        return await asyncio.shield(loop.run_in_executor(self._executor, functools.partial(fn, *args)))
+
     async def Info(self, request, context):
         return pb.InfoResponse(info=info_to_pb(await self._run(self.store.info, request.digest)))
 
@@ -116,24 +122,37 @@ class ContentServicer(pb_grpc.ContentServicer):
                 request = write_request_from_pb(message)
                 if session is None:
                     session = await self._open(request)
-                response = await self._run(session.handle, request)
+                response = await self._run_to_completion(session.handle, request)
                 yield write_response_to_pb(response)
                 if session.done:
                     break
         finally:
+            # Also when the client cancelled: grpc then cancels this task too,
+            # possibly while it waits here.
             if session is not None:
-                await self._run(session.close)
+                await self._run_to_completion(session.close)
 
     async def _open(self, first: WriteRequest) -> WriteSession:
         """Open the ingest; a ref held by another stream is retried for a while
         (containerd's client half-closes a stream and reopens the ref at once)."""
-        deadline = asyncio.get_running_loop().time() + self._lock_wait
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._lock_wait
         delay = 0.002
         while True:
+            opening = loop.run_in_executor(self._executor, WriteSession, self.store, first)
             try:
-                return await self._run(WriteSession, self.store, first)
+                return await asyncio.shield(opening)
+            except asyncio.CancelledError:
+                opening.add_done_callback(self._close_abandoned)
+                raise
             except Unavailable:
-                if asyncio.get_running_loop().time() + delay > deadline:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
                     raise
-                await asyncio.sleep(random.uniform(delay / 2, delay))
+                await asyncio.sleep(min(random.uniform(delay / 2, delay), remaining))
                 delay = min(delay * 2, 0.128)
+
+    def _close_abandoned(self, opening: "asyncio.Future[WriteSession]") -> None:
+        """A session opened for an RPC cancelled meanwhile: release its ref."""
+        if not opening.cancelled() and opening.exception() is None:
+            self._executor.submit(opening.result().close)

@@ -148,7 +148,9 @@ class ContentStore:
         target = self.blob_path(digest)
         if target.exists():
             raise AlreadyExists(f"content {digest}")
-        target.parent.mkdir(mode=0o755, exist_ok=True)
+        if not target.parent.is_dir():
+            target.parent.mkdir(mode=0o755, exist_ok=True)
+            os.chmod(target.parent, 0o755)  # whatever the umask
         os.chmod(data, 0o444)
         os.rename(data, target)
         _fsync_dir(target.parent)
@@ -186,7 +188,11 @@ class ContentStore:
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         statuses = []
-        for entry in sorted(os.listdir(self.ingest_root)):
+        try:
+            entries = sorted(os.listdir(self.ingest_root))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
             try:
                 status = read_status(self.ingest_root / entry)
             except (OSError, ValueError):
@@ -210,8 +216,15 @@ class ContentStore:
                 continue
             with os.scandir(directory) as entries:
                 for entry in entries:
-                    if entry.is_file(follow_symlinks=False):
-                        on_disk[f"{algorithm}:{entry.name}"] = entry.stat(follow_symlinks=False)
+                    digest = f"{algorithm}:{entry.name}"
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    try:
+                        parse_digest(digest)
+                    except InvalidArgument:
+                        log.warning("ignoring %s: its name is not a %s digest", entry.path, algorithm)
+                        continue
+                    on_disk[digest] = entry.stat(follow_symlinks=False)
         with self.db.write() as db:
             known = {row[0] for row in db.execute("SELECT digest FROM blobs")}
             missing = known - on_disk.keys()

@@ -148,6 +148,12 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight RPCs and return."""
     address = Path(address)
+    # Catch stop signals before the socket exists: a client (or systemd) may signal us as
+    # soon as it can connect, and the default action would skip the drain and the unlink.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
     _prepare_socket_path(address)
     server = aio.server(
         interceptors=[ErrorMapping()],
@@ -168,10 +174,6 @@ async def serve(
     if socket_group:
         os.chown(address, -1, grp.getgrnam(socket_group).gr_gid)
 
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
     log.info("%s serving on %s", name, address)
     sd_notify("READY=1")
     await stopping.wait()

@@ -2,7 +2,8 @@
 
 Mirrors containerd's rules for the options it adds to every overlay mount:
 ``index=off`` whenever the overlay module exposes an ``index`` parameter (unless
-the operator configured an ``index`` option), and ``userxattr`` only inside a
+the operator configured the bare option ``index``; as in containerd, ``index=on``
+does not count), and ``userxattr`` only inside a
 user namespace (on the host it is never needed) when the kernel supports it.
 """
 from __future__ import annotations
@@ -33,7 +34,9 @@ class OverlayFeatures:
         options = list(configured)
         if self.in_user_namespace and not root_on_tmpfs and self.kernel >= (5, 11) and "userxattr" not in options:
             options.append("userxattr")
-        if self.has_index_parameter and not any(o == "index" or o.startswith("index=") for o in options):
+        # containerd's hasOption(options, "index", false) matches only the bare word "index":
+        # a configured "index=on" does not suppress "index=off".
+        if self.has_index_parameter and "index" not in options:
             options.append("index=off")
         return options
 

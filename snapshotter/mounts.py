@@ -17,8 +17,9 @@ committed                   not mountable
 ``lowerdir`` lists the parents nearest first (overlayfs' order: leftmost is on
 top).  Configured overlay options (``index=off``, ``userxattr``, operator
 ``mount_options``) follow the layer options, as in containerd 2.x, and never apply
-to bind mounts.  ``uidmap``/``gidmap`` options are prepended when the snapshot
-carries containerd's ID-mapping labels and idmapped mounts are enabled.
+to bind mounts.  pysnap does not advertise containerd's ``remap-ids``
+capability, so it emits no ``uidmap``/``gidmap`` options: containerd's client
+remaps user-namespaced snapshots itself.
 """
 from __future__ import annotations
 
@@ -49,34 +50,22 @@ def snapshot_mounts(
     work: Path,
     lowers: Sequence[Path],
     overlay_options: Sequence[str] = (),
-    idmap_options: Sequence[str] = (),
 ) -> list[Mount]:
     """Mounts for a snapshot whose own dirs are ``upper``/``work`` and whose
     parents' ``fs`` dirs are ``lowers`` (nearest first)."""
-    prefix = tuple(idmap_options)
     if kind is Kind.ACTIVE:
         if not lowers:
-            return [Mount("bind", str(upper), prefix + ("rw", "rbind"))]
+            return [Mount("bind", str(upper), ("rw", "rbind"))]
         layers = (f"workdir={work}", f"upperdir={upper}", lowerdir_option(lowers))
-        return [Mount("overlay", "overlay", prefix + layers + tuple(overlay_options))]
+        return [Mount("overlay", "overlay", layers + tuple(overlay_options))]
     if kind is Kind.VIEW:
         if not lowers:
-            return [Mount("bind", str(upper), prefix + ("ro", "rbind"))]
+            return [Mount("bind", str(upper), ("ro", "rbind"))]
         if len(lowers) == 1:
-            return [Mount("bind", str(lowers[0]), prefix + ("ro", "rbind"))]
-        return [Mount("overlay", "overlay", prefix + (lowerdir_option(lowers),) + tuple(overlay_options))]
+            return [Mount("bind", str(lowers[0]), ("ro", "rbind"))]
+        return [Mount("overlay", "overlay", (lowerdir_option(lowers),) + tuple(overlay_options))]
     raise FailedPrecondition(f"requested snapshot {name} not active or view")
 
 
 def lowerdir_option(lowers: Sequence[Path]) -> str:
     return "lowerdir=" + ":".join(str(p) for p in lowers)
-
-
-def idmap_options(labels: dict[str, str]) -> tuple[str, ...]:
-    """``uidmap=``/``gidmap=`` options for a snapshot with ID-mapping labels."""
-    options = []
-    if UID_MAPPING_LABEL in labels:
-        options.append(f"uidmap={labels[UID_MAPPING_LABEL]}")
-    if GID_MAPPING_LABEL in labels:
-        options.append(f"gidmap={labels[GID_MAPPING_LABEL]}")
-    return tuple(options)

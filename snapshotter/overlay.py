@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,6 +37,7 @@ from .usage import disk_usage
 log = logging.getLogger(__name__)
 
 UPPERDIR_LABEL = "containerd.io/snapshot/overlay.upperdir"
+REAPING_PREFIX = "reaping-"  # never a snapshot ID
 
 
 class OverlaySnapshotter:
@@ -142,8 +144,8 @@ class OverlaySnapshotter:
             raise InvalidArgument(str(exc)) from None
         with self.store.read() as tx:
             records = tx.all()
-        infos = [self._info(r) for r in records]
-        return [info for info in infos if selector.match(_field_adaptor(info))]
+        # Filter the stored info, then add the upperdir label, as containerd's Walk does.
+        return [self._info(r) for r in records if selector.match(_field_adaptor(r.info()))]
 
     def cleanup(self) -> None:
         self.reaper.wake()
@@ -271,19 +273,35 @@ class DirectoryReaper:
         self._thread.join()
 
     def reap_once(self) -> list[str]:
-        """One pass; returns the names it removed."""
+        """One pass; returns the names it removed.
+
+        Under the write lock, every orphan without a mount below it is renamed to
+        ``reaping-…`` (a name no snapshot ID can take), so a Prepare that reuses an
+        orphan's ID afterwards never races with the deletion, which happens outside
+        the lock."""
         snapshots_dir = self._snapshotter.snapshots_dir
+        doomed: list[tuple[str, Path]] = []
         with self._snapshotter.store.write() as tx:
             live = {str(i) for i in tx.live_ids()}
-            orphans = [e for e in os.listdir(snapshots_dir) if e not in live]
-        mounted = _mount_points()
+            mounted = _mount_points()
+            for name in os.listdir(snapshots_dir):
+                if name in live:
+                    continue
+                path = snapshots_dir / name
+                prefix = str(path) + "/"
+                if any(m == str(path) or m.startswith(prefix) for m in mounted):
+                    log.warning("not removing %s: something is mounted below it", path)
+                    continue
+                target = path if name.startswith(REAPING_PREFIX) else snapshots_dir / f"{REAPING_PREFIX}{uuid.uuid4().hex}"
+                try:
+                    if target != path:
+                        os.rename(path, target)
+                except OSError as exc:
+                    log.warning("could not set %s aside for removal: %s", path, exc)
+                    continue
+                doomed.append((name, target))
         removed = []
-        for name in orphans:
-            path = snapshots_dir / name
-            prefix = str(path) + "/"
-            if any(m == str(path) or m.startswith(prefix) for m in mounted):
-                log.warning("not removing %s: something is mounted below it", path)
-                continue
+        for name, path in doomed:
             try:
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)

@@ -18,6 +18,7 @@ from google.protobuf import empty_pb2
 from pysnap._pb.containerd.services.content.v1 import content_pb2 as pb
 from pysnap._pb.containerd.services.content.v1 import content_pb2_grpc as pb_grpc
 from pysnap.errors import InvalidArgument, Unavailable
+from pysnap.metrics import Registry
 from pysnap.wire import timestamp
 
 from .ingest import READ_CHUNK, WriteSession
@@ -57,10 +58,14 @@ def write_response_to_pb(response: WriteResponse) -> pb.WriteContentResponse:
 
 
 class ContentServicer(pb_grpc.ContentServicer):
-    def __init__(self, store: ContentStore, executor: Executor, lock_wait_ms: int = 1000) -> None:
+    def __init__(self, store: ContentStore, executor: Executor, lock_wait_ms: int = 1000,
+                 metrics: Registry | None = None) -> None:
         self.store = store
         self._executor = executor
         self._lock_wait = lock_wait_ms / 1000
+        metrics = metrics or Registry()
+        self._bytes_written = metrics.counter("content_ingested_bytes_total", "Bytes received by Write.")
+        self._bytes_read = metrics.counter("content_read_bytes_total", "Bytes sent by Read.")
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -101,6 +106,7 @@ class ContentServicer(pb_grpc.ContentServicer):
                 # containerd's server reports offsets relative to the request.
                 yield pb.ReadContentResponse(offset=position - start, data=data)
                 position += len(data)
+                self._bytes_read.inc(len(data))
         finally:
             os.close(fd)
 
@@ -123,6 +129,7 @@ class ContentServicer(pb_grpc.ContentServicer):
                 if session is None:
                     session = await self._open(request)
                 response = await self._run_to_completion(session.handle, request)
+                self._bytes_written.inc(len(request.data))
                 yield write_response_to_pb(response)
                 if session.done:
                     break

@@ -161,6 +161,16 @@ class ContentStore:
             db.executemany("INSERT INTO labels VALUES (?, ?, ?)",
                            [(digest, k, v) for k, v in labels.items() if v])
 
+    def counts(self) -> dict[str, int]:
+        """Number and total size of blobs, and open ingests (metrics, status, health probe)."""
+        with self.db.read() as db:
+            blobs, size = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs").fetchone()
+        try:
+            ingests = len(os.listdir(self.ingest_root))
+        except FileNotFoundError:
+            ingests = 0
+        return {"blobs": blobs, "bytes": size, "ingests": ingests}
+
     # -- ingests ---------------------------------------------------------------
     def open_writer(self, ref: str, total: int, expected: str) -> Writer:
         validate_name(ref, "ref")

@@ -14,6 +14,7 @@ import time
 
 from pysnap._pb.nri import api_pb2 as nri
 from pysnap.config import Config, ConfigError, NriConfig
+from pysnap.metrics import Registry
 
 from .annotations import VolumeRequestError, check_policy, requested_volumes
 from .volumes import VolumeManager, VolumeNotReady
@@ -45,14 +46,19 @@ INTERNAL = 13
 
 
 class ImageVolumePlugin:
-    def __init__(self, config: NriConfig, volumes: VolumeManager, log_events: bool = False) -> None:
+    def __init__(self, config: NriConfig, volumes: VolumeManager, log_events: bool = False,
+                 metrics: Registry | None = None) -> None:
         self.config = config
         self.volumes = volumes
         self.log_events = log_events
         self._background: set[asyncio.Task] = set()
         self._sync_pods: list[nri.PodSandbox] = []
         self._sync_containers: list[nri.Container] = []
-        self.create_latencies_ns: list[int] = []
+        metrics = metrics or Registry()
+        self._events = metrics.counter("nri_events_total", "NRI requests and events received, by kind.", ("event",))
+        self._create_seconds = metrics.histogram(
+            "nri_create_container_seconds", "Time to answer CreateContainer, by outcome.", ("outcome",))
+        self._volumes = metrics.counter("nri_volumes_mounted_total", "Volumes added to containers.")
 
     @property
     def events(self) -> int:
@@ -70,6 +76,7 @@ class ImageVolumePlugin:
         return nri.ConfigureResponse(events=self.events)
 
     async def synchronize(self, request: nri.SynchronizeRequest) -> nri.SynchronizeResponse:
+        self._events.inc(event="SYNCHRONIZE")
         self._sync_pods.extend(request.pods)
         self._sync_containers.extend(request.containers)
         if request.more:  # NRI 0.8 split sync: acknowledge, act on the last part
@@ -81,9 +88,11 @@ class ImageVolumePlugin:
         return nri.SynchronizeResponse()
 
     async def create_container(self, request: nri.CreateContainerRequest) -> nri.CreateContainerResponse:
-        started = time.perf_counter_ns()
+        started = time.perf_counter()
+        self._events.inc(event="CREATE_CONTAINER")
         pod, container = request.pod, request.container
         response = nri.CreateContainerResponse()
+        outcome = "error"
         try:
             wanted = requested_volumes(pod.annotations, container.annotations, container.name)
             if wanted:
@@ -91,23 +100,29 @@ class ImageVolumePlugin:
                 for volume in await self.volumes.attach(container.id, CRI_NAMESPACE, wanted):
                     response.adjust.mounts.add(destination=volume.destination, type="bind", source=volume.source,
                                                options=volume.options)
+                    self._volumes.inc()
+            outcome = "mounted" if wanted else "none"
         except VolumeRequestError as exc:
+            outcome = "refused"
             raise PluginError(INVALID_ARGUMENT, f"pysnap: {exc}") from None
         except VolumeNotReady as exc:
+            outcome = "unpacking"
             raise PluginError(UNAVAILABLE, f"pysnap: {exc}") from None
         finally:
-            self.create_latencies_ns.append(time.perf_counter_ns() - started)
+            elapsed = time.perf_counter() - started
+            self._create_seconds.observe(elapsed, outcome=outcome)
+            log.debug("CreateContainer %s handled in %.3f ms (%s)", container.id, elapsed * 1000, outcome)
         if self.log_events or response.adjust.mounts:
             log.info("CreateContainer pod=%s/%s container=%s (%s): %s", pod.namespace, pod.name, container.name,
                      container.id, _describe_mounts(response.adjust.mounts) or "no volumes")
         return response
 
     async def update_container(self, request: nri.UpdateContainerRequest) -> nri.UpdateContainerResponse:
-        self._log_event("UpdateContainer", request.pod, request.container)
+        self._log_event("UPDATE_CONTAINER", request.pod, request.container)
         return nri.UpdateContainerResponse()
 
     async def stop_container(self, request: nri.StopContainerRequest) -> nri.StopContainerResponse:
-        self._log_event("StopContainer", request.pod, request.container)
+        self._log_event("STOP_CONTAINER", request.pod, request.container)
         return nri.StopContainerResponse()
 
     async def state_change(self, event: nri.StateChangeEvent) -> nri.Empty:
@@ -135,6 +150,7 @@ class ImageVolumePlugin:
         task.add_done_callback(self._background.discard)
 
     def _log_event(self, name: str, pod: nri.PodSandbox, container: nri.Container) -> None:
+        self._events.inc(event=name)
         if self.log_events:
             who = f"pod={pod.namespace}/{pod.name}" if pod.name else "pod=-"
             if container.id:

@@ -36,6 +36,8 @@ class SnapshotterConfig:
     durable_metadata: bool = _doc("fsync metadata.db on every change (SQLite synchronous=FULL).", default=True)
     workers: int = _doc("Threads doing disk work for RPCs.", default=8)
     socket_group: str = _doc("Group owning the socket (mode 0660); empty keeps root's group.", default="")
+    metrics_address: str = _doc("Prometheus endpoint: 127.0.0.1:PORT, unix:/path, or off. Empty: a unix "
+                                "socket beside the daemon's own (/run/pysnap/snapshotter-metrics.sock).", default="")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class ContentConfig:
     socket_group: str = _doc("Group owning the socket (mode 0660); empty keeps root's group.", default="")
     lock_wait_ms: int = _doc("How long a writer waits for a ref held by another writer before UNAVAILABLE.",
                              default=1000)
+    metrics_address: str = _doc("Prometheus endpoint: 127.0.0.1:PORT, unix:/path, or off. Empty: a unix "
+                                "socket beside the daemon's own (/run/pysnap/content-metrics.sock).", default="")
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,8 @@ class NriConfig:
     unpack_wait_ms: int = _doc("How long CreateContainer waits for an image being unpacked before failing "
                                "with a retriable error (NRI allows 2000 ms per request).", default=1200)
     reconnect_max_ms: int = _doc("Longest pause between reconnect attempts to the NRI socket.", default=5000)
+    metrics_address: str = _doc("Prometheus endpoint: 127.0.0.1:PORT, unix:/path, or off. Empty: a unix "
+                                "socket beside the daemon's own (<mount_root>/metrics.sock).", default="")
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,11 @@
 
 - ``ErrorMapping``: the one place that turns pysnap errors into gRPC status codes
   (and any unexpected exception into UNKNOWN with its text, logged with a trace).
-- ``serve``: binds a grpc.aio server to a unix socket created 0660, reports
-  readiness to systemd, drains in-flight RPCs on SIGTERM/SIGINT and returns.
+  It also counts every RPC by method and code, times it, and gives it a
+  request id for the log.
+- ``serve``: binds a grpc.aio server to a unix socket created 0660 (with the
+  gRPC health service), marks the daemon ready, and when the daemon is asked to
+  stop drains in-flight RPCs and returns.
 """
 from __future__ import annotations
 
@@ -12,16 +15,22 @@ import grp
 import inspect
 import logging
 import os
-import signal
 import socket
 import stat
+import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import grpc
 from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import errors
+from .logs import new_request_id
+from .metrics import Registry
+
+if TYPE_CHECKING:
+    from .daemons import DaemonContext
 
 log = logging.getLogger(__name__)
 
@@ -57,37 +66,93 @@ def status_of(exc: errors.PysnapError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-async def _abort_with(context: aio.ServicerContext, exc: BaseException, method: str) -> None:
+# Codes that are part of normal operation (containerd probes with Stat, GC removes
+# snapshots that have children, …): logged at debug, not as warnings.
+EXPECTED_CODES = {
+    grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OUT_OF_RANGE,
+}
+
+
+class RpcMetrics:
+    def __init__(self, registry: Registry) -> None:
+        self.calls = registry.counter("rpc_requests_total", "RPCs served, by method and status code.",
+                                      ("method", "code"))
+        self.seconds = registry.histogram("rpc_duration_seconds", "Time to serve an RPC, by method.", ("method",))
+
+    def record(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        name = method.rsplit("/", 1)[-1]
+        self.calls.inc(method=name, code=code.name)
+        self.seconds.observe(seconds, method=name)
+
+
+class _Observed:
+    """Status code bookkeeping of one RPC."""
+
+    def __init__(self, method: str, metrics: RpcMetrics | None) -> None:
+        self.method, self.metrics = method, metrics
+        self.rid = new_request_id()
+        self.started = time.perf_counter()
+
+    def done(self, code: grpc.StatusCode, message: str = "") -> None:
+        elapsed = time.perf_counter() - self.started
+        if self.metrics:
+            self.metrics.record(self.method, code, elapsed)
+        if code is grpc.StatusCode.OK or code in EXPECTED_CODES or code is grpc.StatusCode.CANCELLED:
+            log.debug("%s %s in %.3f ms %s", self.method, code.name, elapsed * 1000, message)
+        else:
+            log.warning("%s %s in %.3f ms: %s", self.method, code.name, elapsed * 1000, message)
+
+
+async def _abort_with(context: aio.ServicerContext, exc: BaseException, observed: _Observed) -> None:
     if isinstance(exc, errors.PysnapError):
-        await context.abort(status_of(exc), str(exc))
-    log.exception("%s failed unexpectedly", method)
-    await context.abort(grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
+        code, message = status_of(exc), str(exc)
+    else:
+        log.exception("%s failed unexpectedly", observed.method)
+        code, message = grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}"
+    observed.done(code, message)
+    await context.abort(code, message)
 
 
-def _wrap(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap(behavior: Callable[..., Any], method: str, metrics: RpcMetrics | None) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(behavior):
         async def streaming(request: Any, context: aio.ServicerContext) -> Any:
+            observed = _Observed(method, metrics)
             try:
                 async for response in behavior(request, context):
                     yield response
-            except (asyncio.CancelledError, aio.AbortError):
+            except asyncio.CancelledError:
+                observed.done(grpc.StatusCode.CANCELLED)
+                raise
+            except aio.AbortError:
                 raise
             except Exception as exc:
-                await _abort_with(context, exc, method)
+                await _abort_with(context, exc, observed)
+            observed.done(grpc.StatusCode.OK)
         return streaming
 
     async def unary(request: Any, context: aio.ServicerContext) -> Any:
+        observed = _Observed(method, metrics)
         try:
-            return await behavior(request, context)
-        except (asyncio.CancelledError, aio.AbortError):
+            response = await behavior(request, context)
+        except asyncio.CancelledError:
+            observed.done(grpc.StatusCode.CANCELLED)
+            raise
+        except aio.AbortError:
             raise
         except Exception as exc:
-            await _abort_with(context, exc, method)
+            await _abort_with(context, exc, observed)
+        observed.done(grpc.StatusCode.OK)
+        return response
     return unary
 
 
 class ErrorMapping(aio.ServerInterceptor):
-    """Wraps every handler so domain errors leave as the right status code."""
+    """Wraps every handler so domain errors leave as the right status code, and
+    every RPC is counted, timed and given a request id."""
+
+    def __init__(self, metrics: RpcMetrics | None = None) -> None:
+        self.metrics = metrics
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
         handler = await continuation(handler_call_details)
@@ -99,7 +164,7 @@ class ErrorMapping(aio.ServerInterceptor):
             if behavior is not None:
                 factory = getattr(grpc, f"{kind}_rpc_method_handler")
                 return factory(
-                    _wrap(behavior, method),
+                    _wrap(behavior, method, self.metrics),
                     request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer,
                 )
@@ -141,22 +206,16 @@ def _prepare_socket_path(path: Path) -> None:
 async def serve(
     address: Path,
     register: Callable[[aio.Server], None],
+    context: "DaemonContext",
     *,
-    name: str,
     socket_group: str = "",
     on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then drain in-flight RPCs and return."""
+    """Serve until ``context.stopping`` is set, then drain in-flight RPCs and return."""
     address = Path(address)
-    # Catch stop signals before the socket exists: a client (or systemd) may signal us as
-    # soon as it can connect, and the default action would skip the drain and the unlink.
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
     _prepare_socket_path(address)
     server = aio.server(
-        interceptors=[ErrorMapping()],
+        interceptors=[ErrorMapping(RpcMetrics(context.metrics))],
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -164,6 +223,8 @@ async def serve(
         ],
     )
     register(server)
+    health_service = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     old_umask = os.umask(0o117)
     try:
         server.add_insecure_port(f"unix://{address}")
@@ -173,12 +234,14 @@ async def serve(
     os.chmod(address, 0o660)
     if socket_group:
         os.chown(address, -1, grp.getgrnam(socket_group).gr_gid)
-
-    log.info("%s serving on %s", name, address)
-    sd_notify("READY=1")
-    await stopping.wait()
-    sd_notify("STOPPING=1")
-    log.info("%s stopping: draining in-flight requests", name)
+    for service in ("", *context.grpc_services):
+        await health_service.set(service, health_pb2.HealthCheckResponse.SERVING)
+    context.health = health_service
+    log.info("%s serving on %s", context.name, address)
+    context.ready.set()
+    await context.stopping.wait()
+    log.info("%s stopping: draining in-flight requests", context.name)
+    await health_service.enter_graceful_shutdown()
     await server.stop(DRAIN_SECONDS)
     if on_stop is not None:
         await on_stop()
@@ -186,4 +249,4 @@ async def serve(
         os.unlink(address)
     except FileNotFoundError:
         pass
-    log.info("%s stopped", name)
+    log.info("%s stopped", context.name)

@@ -150,6 +150,12 @@ class OverlaySnapshotter:
     def cleanup(self) -> None:
         self.reaper.wake()
 
+    def count_by_kind(self) -> dict[Kind, int]:
+        """Snapshots per kind (metrics; also the health probe: a real query)."""
+        with self.store.read() as tx:
+            counts = tx.count_by_kind()
+        return {kind: counts.get(kind, 0) for kind in (Kind.VIEW, Kind.ACTIVE, Kind.COMMITTED)}
+
     # -- internals -------------------------------------------------------------
     def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         validate_name(key)

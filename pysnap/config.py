@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 DEFAULT_CONFIG_PATH = Path("/etc/pysnap/config.toml")
 
@@ -21,8 +21,31 @@ class ConfigError(ValueError):
     pass
 
 
-def _doc(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"doc": text}, **kwargs)
+def _doc(text: str, check: Callable[[Any], str | None] | None = None, **kwargs: Any) -> Any:
+    """A config key: its one-line description, and optionally a check returning
+    what is wrong with a value (or None)."""
+    return field(metadata={"doc": text, "check": check}, **kwargs)
+
+
+def _metrics_endpoint(value: str) -> str | None:
+    if value in ("", "off"):
+        return None
+    from .metrics import parse_endpoint
+
+    try:
+        parse_endpoint(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _two_digits(value: str) -> str | None:
+    return None if len(value) == 2 and value.isdigit() else "expected two digits, e.g. \"10\""
+
+
+def _absolute_paths(values: tuple[str, ...]) -> str | None:
+    bad = [v for v in values if not v.startswith("/")]
+    return f"expected absolute paths, got {bad}" if bad else None
 
 
 @dataclass(frozen=True)
@@ -37,7 +60,7 @@ class SnapshotterConfig:
     workers: int = _doc("Threads doing disk work for RPCs.", default=8)
     socket_group: str = _doc("Group owning the socket (mode 0660); empty keeps root's group.", default="")
     metrics_address: str = _doc("Prometheus endpoint: 127.0.0.1:PORT, unix:/path, or off. Empty: a unix "
-                                "socket beside the daemon's own (/run/pysnap/snapshotter-metrics.sock).", default="")
+                                "socket beside the daemon's own (/run/pysnap/snapshotter-metrics.sock).", _metrics_endpoint, default="")
 
 
 @dataclass(frozen=True)
@@ -51,7 +74,7 @@ class ContentConfig:
     lock_wait_ms: int = _doc("How long a writer waits for a ref held by another writer before UNAVAILABLE.",
                              default=1000)
     metrics_address: str = _doc("Prometheus endpoint: 127.0.0.1:PORT, unix:/path, or off. Empty: a unix "
-                                "socket beside the daemon's own (/run/pysnap/content-metrics.sock).", default="")
+                                "socket beside the daemon's own (/run/pysnap/content-metrics.sock).", _metrics_endpoint, default="")
 
 
 @dataclass(frozen=True)
@@ -60,7 +83,7 @@ class NriConfig:
     containerd_address: Path = _doc("containerd's gRPC socket, used to resolve and unpack images.",
                                     default=Path("/run/containerd/containerd.sock"))
     plugin_name: str = _doc("Name the plugin registers with.", default="pysnap")
-    plugin_index: str = _doc("Two-digit NRI plugin index (order among plugins).", default="10")
+    plugin_index: str = _doc("Two-digit NRI plugin index (order among plugins).", _two_digits, default="10")
     snapshotter: str = _doc("containerd snapshotter that volumes are created in.", default="pysnap")
     mount_root: Path = _doc("Where volume snapshots are mounted on the host.", default=Path("/run/pysnap/nri"))
     namespaces: tuple[str, ...] = _doc("containerd namespaces whose containers may get volumes.",
@@ -69,7 +92,7 @@ class NriConfig:
                                            default=("*",))
     forbidden_targets: tuple[str, ...] = _doc("Container paths no volume may be mounted at or below "
                                               "('/' forbids only the root itself).",
-                                              default=("/", "/proc", "/sys", "/dev"))
+                                              check=_absolute_paths, default=("/", "/proc", "/sys", "/dev"))
     max_volumes: int = _doc("Most volumes one container may get.", default=8)
     allow_writable: bool = _doc('Allow "readonly": false (a private writable layer per container).',
                                 default=False)
@@ -77,7 +100,7 @@ class NriConfig:
                                "with a retriable error (NRI allows 2000 ms per request).", default=1200)
     reconnect_max_ms: int = _doc("Longest pause between reconnect attempts to the NRI socket.", default=5000)
     metrics_address: str = _doc("Prometheus endpoint: 127.0.0.1:PORT, unix:/path, or off. Empty: a unix "
-                                "socket beside the daemon's own (<mount_root>/metrics.sock).", default="")
+                                "socket beside the daemon's own (<mount_root>/metrics.sock).", _metrics_endpoint, default="")
 
 
 @dataclass(frozen=True)
@@ -117,6 +140,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
         if key not in names:
             raise ConfigError(f"unknown key '{where}{key}'; known keys: {', '.join(sorted(names))}")
     values = {key: _convert(hints[key], value, f"{where}{key}") for key, value in data.items()}
+    for f in dataclasses.fields(cls):
+        check = f.metadata.get("check")
+        if check and f.name in values and (problem := check(values[f.name])):
+            raise ConfigError(f"{where}{f.name}: {problem}")
     return cls(**values)
 
 
@@ -147,3 +174,30 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if isinstance(hint, types.UnionType):
         raise ConfigError(f"{where}: unsupported type")
     return value
+
+
+def reference_markdown() -> str:
+    """The configuration reference (docs/configuration.md), generated from this model."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `pysnap config reference` from pysnap/config.py; do not edit by hand. -->",
+        "",
+        f"All three daemons read one TOML file, `{DEFAULT_CONFIG_PATH}` by default (`--config FILE` elsewhere).",
+        "Every key is optional. An unknown key or a value of the wrong type stops the daemon with a message",
+        "naming it. Command-line flags (`--root`, `--address`, `--socket`, …) override the file.",
+    ]
+    hints = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        cls = hints[section.name]
+        lines += ["", f"## [{section.name}]", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        field_hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default
+            shown = "`[" + ", ".join(f'"{v}"' for v in default) + "]`" if isinstance(default, tuple) else (
+                f"`{str(default).lower()}`" if isinstance(default, bool) else
+                f"`{default}`" if isinstance(default, int) else f'`"{default}"`')
+            kind = {Path: "path", str: "string", int: "integer", bool: "boolean"}.get(field_hints[f.name],
+                                                                                        "list of strings")
+            lines.append(f"| `{f.name}` | {kind} | {shown} | {f.metadata['doc']} |")
+    return "\n".join(lines) + "\n"

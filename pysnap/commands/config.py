@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, reference_markdown
 from ..containerd_config import PARTS, VERSIONS, containerd_snippet
 from . import with_overrides
 
@@ -23,6 +23,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_reference(_args: argparse.Namespace) -> int:
+    sys.stdout.write(reference_markdown())
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     config = commands.add_parser("config", help="print configuration for other programs")
     targets = config.add_subparsers(dest="target", required=True)
@@ -34,3 +39,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     ctd.add_argument("--plugins", default=",".join(PARTS),
                      help=f"comma-separated parts to wire in: {', '.join(PARTS)} (default: all)")
     ctd.set_defaults(func=run)
+    ref = targets.add_parser("reference", help="the configuration reference, as Markdown (docs/configuration.md)")
+    ref.set_defaults(func=print_reference)

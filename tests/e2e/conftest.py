@@ -41,6 +41,7 @@ class Stack:
     containerd: Containerd
     daemon: PysnapDaemon
     refs: Refs
+    content: PysnapDaemon | None = None  # `pysnap serve content`, when the stack uses pysnap's content store
 
     snapshotter = SNAPSHOTTER
 
@@ -99,5 +100,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     stack = getattr(item, "funcargs", {}).get("stack")
     if report.failed and isinstance(stack, Stack):
         report.sections.append((f"pysnap log ({stack.daemon.log_path})", stack.daemon.log_tail(80)))
+        if stack.content is not None:
+            report.sections.append((f"pysnap content log ({stack.content.log_path})", stack.content.log_tail(80)))
         report.sections.append((f"containerd {stack.version} log ({stack.containerd.log_path})",
                                 stack.containerd.log_tail(80)))

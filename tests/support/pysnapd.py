@@ -1,4 +1,4 @@
-"""`pysnap serve snapshotter` as a child process of the tests, started and stopped by pid."""
+"""`pysnap serve snapshotter` (or `serve content`) as a child process of the tests, started and stopped by pid."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from .containerd import PYSNAP
 
 
 class PysnapDaemon:
-    """`pysnap serve snapshotter --root ROOT --address SOCK`; ready when the socket accepts connections."""
+    """`pysnap serve SERVICE --root ROOT --address SOCK`; ready when the socket accepts connections.
 
-    def __init__(self, root: Path, address: Path, log_path: Path):
-        self.root, self.address, self.log_path = root, address, log_path
+    service: "snapshotter" (default) or "content"."""
+
+    def __init__(self, root: Path, address: Path, log_path: Path, service: str = "snapshotter"):
+        self.root, self.address, self.log_path, self.service = root, address, log_path, service
         self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
 
@@ -24,7 +26,7 @@ class PysnapDaemon:
         assert PYSNAP.exists(), f"{PYSNAP} does not exist: run scripts/provision.sh"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(PYSNAP), "serve", "snapshotter", "--root", str(self.root), "--address", str(self.address)],
+                [str(PYSNAP), "serve", self.service, "--root", str(self.root), "--address", str(self.address)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

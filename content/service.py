@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import random
 from concurrent.futures import Executor
 from typing import Any, AsyncIterator, Callable, TypeVar
@@ -21,7 +20,7 @@ from pysnap.errors import InvalidArgument, Unavailable
 from pysnap.metrics import Registry
 from pysnap.wire import timestamp
 
-from .ingest import READ_CHUNK, WriteSession
+from .ingest import WriteSession
 from .model import BlobInfo, IngestStatus, WriteAction, WriteRequest, WriteResponse
 from .store import ContentStore
 
@@ -78,7 +77,8 @@ class ContentServicer(pb_grpc.ContentServicer):
         return await asyncio.shield(loop.run_in_executor(self._executor, functools.partial(fn, *args)))
 
     async def Info(self, request, context):
-        return pb.InfoResponse(info=info_to_pb(await self._run(self.store.info, request.digest)))
+        info = self.store.cached_info(request.digest) or await self._run(self.store.info, request.digest)
+        return pb.InfoResponse(info=info_to_pb(info))
 
     async def Update(self, request, context):
         info = await self._run(self.store.update, request.info.digest, dict(request.info.labels),
@@ -95,20 +95,16 @@ class ContentServicer(pb_grpc.ContentServicer):
         return empty_pb2.Empty()
 
     async def Read(self, request, context) -> AsyncIterator[pb.ReadContentResponse]:
-        start, end = await self._run(self.store.read_range, request.digest, request.offset, request.size)
-        fd = await self._run(self.store.open_blob, request.digest)
+        reader = await self._run_to_completion(self.store.open_reader, request.digest, request.offset, request.size)
         try:
-            position = start
-            while position < end:
-                data = await self._run(os.pread, fd, min(READ_CHUNK, end - position), position)
-                if not data:
-                    break
+            chunk = reader.next_chunk()  # read when the range was opened
+            while chunk:
                 # containerd's server reports offsets relative to the request.
-                yield pb.ReadContentResponse(offset=position - start, data=data)
-                position += len(data)
-                self._bytes_read.inc(len(data))
+                yield pb.ReadContentResponse(offset=reader.position - len(chunk) - reader.start, data=chunk)
+                self._bytes_read.inc(len(chunk))
+                chunk = await self._run(reader.next_chunk)
         finally:
-            os.close(fd)
+            reader.close()
 
     async def Status(self, request, context):
         return pb.StatusResponse(status=status_to_pb(await self._run(self.store.status, request.ref)))

@@ -22,7 +22,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,12 +35,13 @@ from pysnap.sqlite import Database
 from pysnap.validation import updated_labels, validate_labels, validate_name
 
 from .digests import HEX_LENGTH, parse_digest
-from .ingest import RefLocks, Writer, ingest_dir_name, read_status
+from .ingest import READ_CHUNK, RefLocks, Writer, ingest_dir_name, read_status
 from .model import BlobInfo, IngestStatus
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+INFO_CACHE_SIZE = 4096
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
     digest      TEXT    PRIMARY KEY,
@@ -67,6 +70,10 @@ class ContentStore:
             os.chmod(directory, 0o755)
         self.db = Database(self.root / "metadata.db", _SCHEMA, SCHEMA_VERSION, durable=config.durable_metadata)
         self.locks = RefLocks(clock)
+        # containerd asks Info before every small Read: recently seen infos stay in memory
+        # (this process is the only writer, so invalidating on change is exact).
+        self._infos: OrderedDict[str, BlobInfo] = OrderedDict()
+        self._infos_lock = threading.Lock()
         self.reconcile()
 
     def close(self) -> None:
@@ -82,7 +89,22 @@ class ContentStore:
         with self.db.read() as db:
             return db.execute("SELECT 1 FROM blobs WHERE digest = ?", (digest,)).fetchone() is not None
 
+    def cached_info(self, digest: str) -> BlobInfo | None:
+        """The info of a blob if it is in memory (never touches the disk)."""
+        with self._infos_lock:
+            info = self._infos.get(digest)
+            if info is not None:
+                self._infos.move_to_end(digest)
+            return info
+
+    def _forget(self, digest: str) -> None:
+        with self._infos_lock:
+            self._infos.pop(digest, None)
+
     def info(self, digest: str) -> BlobInfo:
+        cached = self.cached_info(digest)
+        if cached is not None:
+            return cached
         parse_digest(digest)
         with self.db.read() as db:
             row = db.execute("SELECT digest, size, created_ns, updated_ns FROM blobs WHERE digest = ?",
@@ -90,7 +112,12 @@ class ContentStore:
             if row is None:
                 raise NotFound(f"content {digest}")
             labels = dict(db.execute("SELECT key, value FROM labels WHERE digest = ?", (digest,)))
-        return BlobInfo(*row, labels=labels)
+            info = BlobInfo(*row, labels=labels)
+            with self._infos_lock:  # inside the read transaction: no writer can interleave
+                self._infos[digest] = info
+                if len(self._infos) > INFO_CACHE_SIZE:
+                    self._infos.popitem(last=False)
+        return info
 
     def update(self, digest: str, labels: dict[str, str], fieldpaths: Sequence[str]) -> BlobInfo:
         parse_digest(digest)
@@ -102,6 +129,7 @@ class ContentStore:
             db.execute("DELETE FROM labels WHERE digest = ?", (digest,))
             db.executemany("INSERT INTO labels VALUES (?, ?, ?)", [(digest, k, v) for k, v in new.items()])
             db.execute("UPDATE blobs SET updated_ns = ? WHERE digest = ?", (self._clock(), digest))
+            self._forget(digest)
         return self.info(digest)
 
     def list(self, filters: Sequence[str] = ()) -> list[BlobInfo]:
@@ -126,6 +154,7 @@ class ContentStore:
             pass
         with self.db.write() as db:
             db.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+            self._forget(digest)
 
     def read_range(self, digest: str, offset: int, size: int) -> tuple[int, int]:
         """[start, end) of a Read request, checked against the blob's size."""
@@ -136,11 +165,17 @@ class ContentStore:
         end = info.size if size <= 0 or start + size > info.size else start + size
         return start, end
 
-    def open_blob(self, digest: str) -> int:
+    def open_reader(self, digest: str, offset: int, size: int) -> "BlobReader":
+        """Open a Read request's range and read its first chunk, in one step: containerd
+        reads blobs in many small ranges, so each costs one trip to the thread pool."""
+        start, end = self.read_range(digest, offset, size)
         try:
-            return os.open(self.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"content {digest}") from None
+        reader = BlobReader(fd, start, end)
+        reader.prefetch()
+        return reader
 
     def publish(self, data: Path, digest: str, size: int, labels: dict[str, str]) -> None:
         """Move a verified ingest file into place and record it."""
@@ -160,6 +195,7 @@ class ContentStore:
             db.execute("DELETE FROM labels WHERE digest = ?", (digest,))
             db.executemany("INSERT INTO labels VALUES (?, ?, ?)",
                            [(digest, k, v) for k, v in labels.items() if v])
+            self._forget(digest)
 
     def counts(self) -> dict[str, int]:
         """Number and total size of blobs, and open ingests (metrics, status, health probe)."""
@@ -243,6 +279,34 @@ class ContentStore:
             db.executemany("INSERT INTO blobs VALUES (?, ?, ?, ?)", added)
         if missing or added:
             log.warning("metadata reconciled with blobs/: %d rows dropped, %d blobs recorded", len(missing), len(added))
+
+
+class BlobReader:
+    """An open byte range of a blob, read in chunks of at most READ_CHUNK bytes."""
+
+    def __init__(self, fd: int, start: int, end: int) -> None:
+        self.fd, self.start, self.end = fd, start, end
+        self.position = start
+        self._ready: bytes | None = None
+
+    def prefetch(self) -> None:
+        self._ready = self._read()
+
+    def next_chunk(self) -> bytes:
+        """The next chunk; empty once the range is done."""
+        chunk, self._ready = (self._ready, None) if self._ready is not None else (self._read(), None)
+        self.position += len(chunk)
+        return chunk
+
+    def _read(self) -> bytes:
+        if self.position >= self.end:
+            return b""
+        return os.pread(self.fd, min(READ_CHUNK, self.end - self.position), self.position)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _fsync_dir(path: Path) -> None:

@@ -586,20 +586,31 @@ def test_read_range_of_a_missing_blob_is_not_found(store):
         store.read_range(sha256(b"missing"), 0, 0)
 
 
-def test_open_blob_gives_a_readable_descriptor(store, ten):
-    fd = store.open_blob(ten)
+def test_a_reader_returns_its_range_in_chunks_and_then_nothing(store, ten):
+    reader = store.open_reader(ten, 2, 5)
     try:
-        assert os.pread(fd, 4, 3) == b"3456"
+        assert reader.next_chunk() == b"23456"
+        assert reader.next_chunk() == b""
     finally:
-        os.close(fd)
+        reader.close()
 
 
-def test_open_blob_of_a_missing_blob_is_not_found(store):
+def test_a_large_range_comes_in_chunks_of_at_most_one_mebibyte(store):
+    data = bytes(range(256)) * (5 * 4096)  # 5 MiB
+    digest = write_blob(store, data)
+    reader = store.open_reader(digest, 0, 0)
+    try:
+        chunks = iter(reader.next_chunk, b"")
+        got = list(chunks)
+    finally:
+        reader.close()
+    assert b"".join(got) == data
+    assert max(len(c) for c in got) <= 1 << 20
+
+
+def test_opening_a_reader_on_a_missing_blob_is_not_found(store):
     with pytest.raises(NotFound):
-        store.open_blob(sha256(b"missing"))
-
-
-# --------------------------------------------------------------------------- Status, ListStatuses, Abort
+        store.open_reader(sha256(b"missing"), 0, 0)
 
 
 def test_status_reports_ref_offset_total_and_times(store):

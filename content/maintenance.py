@@ -12,6 +12,10 @@ it is still the very file that was hashed (same inode, size and mtime), a row
 is dropped only if its file is still missing.  The daemon publishes a blob by
 renaming its file into place first and recording the row second, so these
 steps interleave with a concurrent publish of the same digest consistently.
+That keeps files and rows consistent; but the daemon also keeps recently read
+blob infos in memory, which a repair made by another process can't invalidate,
+so ``pysnap fsck`` repairs content only while the daemon is stopped (or, with
+``--force``, to be followed by a restart of the daemon).
 
 Stale ingests are removed by renaming the ingest directory out of ``ingest/``
 first (a writer resuming the ref at that moment starts a fresh ingest), then

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -51,3 +52,63 @@ class Database:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+
+# -- access from other processes (pysnap status / fsck / gc) ----------------------------------------
+
+def _uri(path: Path, mode: str) -> str:
+    return "file:" + urllib.parse.quote(str(Path(path).absolute())) + f"?mode={mode}"
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """A connection that can only read the existing database ``path``.
+
+    Safe beside a running daemon: in WAL mode readers never block the writer
+    and see the last committed state.  Raises ``sqlite3.OperationalError`` if
+    the file is missing."""
+    return sqlite3.connect(_uri(path, "ro"), uri=True, isolation_level=None, check_same_thread=False)
+
+
+def connect_writer(path: Path, timeout: float = 30.0) -> sqlite3.Connection:
+    """A read-write connection to the existing database ``path`` (never creates it).
+
+    Changes go through ``immediate()``: the same cross-process write lock the
+    daemons take, so a change made here is serialised with theirs.  A daemon
+    waits 5 s for that lock (sqlite3's default busy timeout), so transactions
+    made here must stay short."""
+    connection = sqlite3.connect(_uri(path, "rw"), uri=True, isolation_level=None, timeout=timeout,
+                                 check_same_thread=False)
+    connection.execute("PRAGMA foreign_keys=ON")
+    return connection
+
+
+@contextmanager
+def immediate(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A ``BEGIN IMMEDIATE`` transaction: committed at the end, rolled back on any exception."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield connection
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+@contextmanager
+def snapshot(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A read transaction: every query inside sees the same committed state."""
+    connection.execute("BEGIN")
+    try:
+        yield connection
+    finally:
+        connection.execute("COMMIT")
+
+
+def schema_version(connection: sqlite3.Connection) -> int:
+    return connection.execute("PRAGMA user_version").fetchone()[0]
+
+
+def integrity_problems(connection: sqlite3.Connection) -> list[str]:
+    """``PRAGMA quick_check`` results other than "ok" (empty when the file is sound)."""
+    rows = [row[0] for row in connection.execute("PRAGMA quick_check")]
+    return [] if rows == ["ok"] else rows

@@ -20,6 +20,7 @@ die() { printf 'provision: ERROR: %s\n' "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- bookworm system packages
 SYSTEM_PKGS=(runc docker-registry busybox-static)
+SYSTEM_PKGS+=(systemd) # systemd-analyze verify / systemctl --root for the unit tests (systemd need not run)
 missing=()
 for p in "${SYSTEM_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")

@@ -60,16 +60,101 @@ def _kernel_version() -> tuple[int, int]:
 
 def mount_table() -> list[tuple[str, str]]:
     """(mount point, filesystem type) of every mount this process sees."""
+    return [(entry.target, entry.fstype) for entry in mount_entries()]
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    target: str
+    fstype: str
+    source: str
+    options: str  # the superblock options, e.g. an overlay's lowerdir=…,upperdir=…,workdir=…
+
+
+def mount_entries(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[MountEntry]:
+    """Every mount this process sees, from ``/proc/self/mountinfo``."""
     table = []
     try:
-        with open("/proc/self/mountinfo") as mountinfo:
-            for line in mountinfo:
+        with open(mountinfo) as lines:
+            for line in lines:
                 fields = line.split()
-                fstype = fields[fields.index("-") + 1]
-                table.append((_unescape(fields[4]), fstype))
-    except OSError:
+                dash = fields.index("-")
+                rest = fields[dash + 1:] + ["", "", ""]
+                table.append(MountEntry(_unescape(fields[4]), rest[0], _unescape(rest[1]), _unescape(rest[2])))
+    except (OSError, ValueError):
         pass
     return table
+
+
+def filesystem_type(path: Path) -> str:
+    """Type of the filesystem ``path`` lives on ("" if unknown)."""
+    best = ("", "")
+    for target, fstype in mount_table():
+        if (str(path) + "/").startswith(target.rstrip("/") + "/") and len(target) >= len(best[0]):
+            best = (target, fstype)
+    return best[1]
+
+
+def in_use_by_mounts(path: Path, entries: list[MountEntry]) -> str:
+    """Why ``path`` is in use by a mount ("" if it is not): something is mounted at or
+    below it, or an overlay uses a directory below it as a layer (upperdir, lowerdir,
+    workdir appear in the overlay's superblock options, not as mount points)."""
+    top = str(path)
+    below = top + "/"
+    layer = re.compile(r"(?:^|[=:,])" + re.escape(top) + r"(?:/|[:,]|$)")
+    for entry in entries:
+        if entry.target == top or entry.target.startswith(below):
+            return f"{entry.target} is mounted below it"
+        if entry.fstype == "overlay" and layer.search(entry.options):
+            return f"the overlay mounted at {entry.target} uses it as a layer"
+    return ""
+
+
+def overlay_parameters(directory: Path = OVERLAY_PARAMETERS) -> dict[str, str]:
+    """The overlay module's parameters (``index`` → ``Y``…); empty when it exposes none."""
+    values = {}
+    try:
+        for entry in sorted(directory.iterdir()):
+            try:
+                values[entry.name] = entry.read_text().strip()
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return values
+
+
+def supports_d_type(directory: Path) -> bool | None:
+    """Whether the filesystem of ``directory`` fills in ``d_type`` in readdir (overlayfs
+    needs it: xfs formatted with ftype=0 does not).  Looks at the existing entries of
+    ``directory`` without writing anything; None when it has none to look at."""
+    import ctypes
+
+    class Dirent64(ctypes.Structure):
+        _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64), ("d_reclen", ctypes.c_ushort),
+                    ("d_type", ctypes.c_ubyte), ("d_name", ctypes.c_char * 256)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    readdir = getattr(libc, "readdir64", None) or libc.readdir
+    libc.opendir.restype = ctypes.c_void_p
+    libc.opendir.argtypes = [ctypes.c_char_p]
+    libc.closedir.argtypes = [ctypes.c_void_p]
+    readdir.restype = ctypes.POINTER(Dirent64)
+    readdir.argtypes = [ctypes.c_void_p]
+    handle = libc.opendir(os.fsencode(directory))
+    if not handle:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno), str(directory))
+    try:
+        while True:
+            entry = readdir(handle)
+            if not entry:
+                return None
+            if entry.contents.d_name in (b".", b".."):
+                continue
+            return entry.contents.d_type != 0  # DT_UNKNOWN
+    finally:
+        libc.closedir(handle)
 
 
 def _unescape(field: str) -> str:
@@ -78,8 +163,4 @@ def _unescape(field: str) -> str:
 
 def is_tmpfs(path: Path) -> bool:
     """True when ``path`` lives on tmpfs (overlay upper dirs there need no userxattr)."""
-    best = ("", "")
-    for target, fstype in mount_table():
-        if (str(path) + "/").startswith(target.rstrip("/") + "/") and len(target) >= len(best[0]):
-            best = (target, fstype)
-    return best[1] == "tmpfs"
+    return filesystem_type(path) == "tmpfs"

@@ -19,9 +19,7 @@ A snapshot that has a row is never deleted here: containerd owns it.
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -32,7 +30,8 @@ from pysnap.sqlite import connect_readonly, connect_writer, immediate, integrity
 from .kernel import MountEntry, in_use_by_mounts, mount_entries
 from .metastore import SCHEMA_VERSION
 from .model import Kind
-from .overlay import REAPING_PREFIX
+from . import orphans
+from .orphans import REAPING_PREFIX
 from .usage import disk_usage
 
 COMPONENT = "snapshotter"
@@ -314,7 +313,7 @@ def remove_orphans(root: Path, *, names: set[str] | None = None, dry_run: bool =
     for removal, target in doomed:
         removal.bytes = _size(target)
         try:
-            _delete(target)
+            orphans.delete(target)
             removal.removed = True
         except OSError as exc:
             removal.error = f"could not delete {target}: {exc.strerror or exc}"
@@ -322,24 +321,19 @@ def remove_orphans(root: Path, *, names: set[str] | None = None, dry_run: bool =
 
 
 def _set_aside(snapshots_dir: Path, name: str, entries: list[MountEntry]) -> tuple[Removal | None, Path | None]:
-    """Rename an orphan to ``reaping-*`` (under the lock): (what happened, where it is now);
+    """Set an orphan aside (under the lock): (what happened, where it is now);
     (None, None) if it vanished meanwhile (the daemon's reaper removed it)."""
     path = snapshots_dir / name
     removal = Removal(COMPONENT, "snapshot-directory", name, str(path), _orphan_reason(name))
-    busy = in_use_by_mounts(path, entries)
-    if busy:
-        removal.error = f"in use: {busy}"
-        return removal, None
-    target = path if name.startswith(REAPING_PREFIX) else snapshots_dir / f"{REAPING_PREFIX}{uuid.uuid4().hex}"
     try:
-        if target != path:
-            os.rename(path, target)
+        return removal, orphans.set_aside(snapshots_dir, name, entries)
+    except orphans.DirectoryInUse as exc:
+        removal.error = f"in use: {exc}"
     except FileNotFoundError:
         return None, None
     except OSError as exc:
         removal.error = f"could not set it aside: {exc.strerror or exc}"
-        return removal, None
-    return removal, target
+    return removal, None
 
 
 def _size(path: Path) -> int:
@@ -351,16 +345,3 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _delete(path: Path) -> None:
-    """Delete a file or tree; a part already gone (the daemon's reaper got there first) is fine."""
-    def tolerate_vanished(function, target, exc_info) -> None:
-        if not isinstance(exc_info[1], FileNotFoundError):
-            raise exc_info[1]
-
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, onerror=tolerate_vanished)
-    else:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass

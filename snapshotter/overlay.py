@@ -19,7 +19,6 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -28,7 +27,8 @@ from pysnap.errors import FailedPrecondition, InvalidArgument, NotFound, Unknown
 from pysnap.filters import parse_all
 from pysnap.validation import updated_labels, validate_labels, validate_name
 
-from .kernel import OverlayFeatures, is_tmpfs, mount_table
+from . import orphans
+from .kernel import OverlayFeatures, is_tmpfs, mount_entries
 from .metastore import MetaStore, Record, Transaction
 from .model import Info, Kind, Usage
 from .mounts import GID_MAPPING_LABEL, UID_MAPPING_LABEL, Mount, snapshot_mounts
@@ -37,7 +37,6 @@ from .usage import disk_usage
 log = logging.getLogger(__name__)
 
 UPPERDIR_LABEL = "containerd.io/snapshot/overlay.upperdir"
-REAPING_PREFIX = "reaping-"  # never a snapshot ID
 
 
 class OverlaySnapshotter:
@@ -279,40 +278,27 @@ class DirectoryReaper:
         self._thread.join()
 
     def reap_once(self) -> list[str]:
-        """One pass; returns the names it removed.
-
-        Under the write lock, every orphan without a mount below it is renamed to
-        ``reaping-…`` (a name no snapshot ID can take), so a Prepare that reuses an
-        orphan's ID afterwards never races with the deletion, which happens outside
-        the lock."""
+        """One pass (see orphans.py); returns the names it removed."""
         snapshots_dir = self._snapshotter.snapshots_dir
         doomed: list[tuple[str, Path]] = []
         with self._snapshotter.store.write() as tx:
             live = {str(i) for i in tx.live_ids()}
-            mounted = _mount_points()
+            mounts = mount_entries()
             for name in os.listdir(snapshots_dir):
                 if name in live:
                     continue
-                path = snapshots_dir / name
-                prefix = str(path) + "/"
-                if any(m == str(path) or m.startswith(prefix) for m in mounted):
-                    log.warning("not removing %s: something is mounted below it", path)
-                    continue
-                target = path if name.startswith(REAPING_PREFIX) else snapshots_dir / f"{REAPING_PREFIX}{uuid.uuid4().hex}"
                 try:
-                    if target != path:
-                        os.rename(path, target)
+                    doomed.append((name, orphans.set_aside(snapshots_dir, name, mounts)))
+                except orphans.DirectoryInUse as exc:
+                    log.warning("not removing %s: %s", snapshots_dir / name, exc)
+                except FileNotFoundError:
+                    pass
                 except OSError as exc:
-                    log.warning("could not set %s aside for removal: %s", path, exc)
-                    continue
-                doomed.append((name, target))
+                    log.warning("could not set %s aside for removal: %s", snapshots_dir / name, exc)
         removed = []
         for name, path in doomed:
             try:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
+                orphans.delete(path)
                 removed.append(name)
             except OSError as exc:
                 log.warning("could not remove %s: %s", path, exc)
@@ -336,7 +322,3 @@ class DirectoryReaper:
                 with self._wakeup:
                     self._busy = False
                     self._wakeup.notify_all()
-
-
-def _mount_points() -> list[str]:
-    return [target for target, _ in mount_table()]

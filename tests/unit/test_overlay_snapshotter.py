@@ -1121,6 +1121,24 @@ def test_the_reaper_keeps_an_orphan_that_is_itself_a_mount_point(sn):
     assert sn.reaper.reap_once() == ["stray"]
 
 
+def test_the_reaper_keeps_an_orphan_an_overlay_still_uses_as_a_layer(sn, tmp_path):
+    committed(sn, "base")
+    lower = up(sn, "base")
+    (lower / "file").write_text("still read through an overlay")
+    other, target = tmp_path / "other", tmp_path / "merged"
+    other.mkdir()
+    target.mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower}:{other}", str(target)], check=True)
+    try:
+        sn.remove("base")
+        assert sn.reaper.wait_idle(10)
+        assert lower.is_dir()
+        assert (target / "file").read_text() == "still read through an overlay"
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    assert sn.reaper.reap_once() == [lower.parent.name]
+
+
 def test_the_reaper_does_not_confuse_a_sibling_with_a_common_prefix_for_a_mount(sn):
     (sn.snapshots_dir / "1").mkdir()
     with tmpfs_mounted(sn.snapshots_dir / "12"):
@@ -1154,7 +1172,7 @@ def test_the_reaper_keeps_running_after_a_failed_pass(sn, monkeypatch):
     def broken():
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(overlay_module, "_mount_points", broken)
+    monkeypatch.setattr(overlay_module, "mount_entries", broken)
     sn.cleanup()
     assert sn.reaper.wait_idle(10)
     monkeypatch.undo()

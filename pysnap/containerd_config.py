@@ -15,7 +15,7 @@ from .report import Check, Status
 SNAPSHOTTER_PLUGIN = "pysnap"
 CONTENT_PLUGIN = "pysnap-content"  # never a built-in's name: containerd panics on duplicates
 BUILTIN_CONTENT = "io.containerd.content.v1.content"
-PARTS = ("snapshotter", "content")
+PARTS = ("snapshotter", "content", "nri")
 VERSIONS = ("1.7", "2")
 
 
@@ -25,7 +25,17 @@ def host_platform() -> str:
     return f"linux/{arch.get(machine, machine)}"
 
 
-def containerd_snippet(version: str, config: Config, parts: tuple[str, ...] = PARTS) -> str:
+def nri_settings(config: Config, nri_mode: str = "external") -> dict[str, Any]:
+    """containerd's NRI keys pysnap needs: NRI on (off by default in 1.7), and for an external
+    plugin the socket it dials when that is not containerd's default."""
+    settings: dict[str, Any] = {"disable": False}
+    if nri_mode != "preinstalled" and str(config.nri.socket) != DEFAULT_NRI_SOCKET:
+        settings["socket_path"] = str(config.nri.socket)
+    return settings
+
+
+def containerd_snippet(version: str, config: Config, parts: tuple[str, ...] = PARTS,
+                       nri_mode: str = "external") -> str:
     """config.toml lines for containerd ``version`` (``1.7`` or ``2``) wiring in ``parts``."""
     if version not in VERSIONS:
         raise ValueError(f"unsupported containerd version {version!r}; choose one of {', '.join(VERSIONS)}")
@@ -70,6 +80,10 @@ def containerd_snippet(version: str, config: Config, parts: tuple[str, ...] = PA
                 '  differ = "walking"',
                 "",
             ]
+    if "nri" in parts:
+        lines.append(f'[plugins."{NRI_PLUGIN}"]')
+        for key, value in nri_settings(config, nri_mode).items():
+            lines.append(f"  {key} = {_quote(value) if isinstance(value, str) else str(value).lower()}")
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

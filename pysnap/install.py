@@ -44,7 +44,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .config import DEFAULT_CONFIG_PATH, Config, NriConfig
-from .containerd_config import PARTS, containerd_snippet
+from .containerd_config import PARTS, containerd_snippet, nri_settings
 
 BIN = PurePosixPath("/usr/local/bin/pysnap")  # the units' ExecStart= and the launcher's exec
 UNIT_DIR = PurePosixPath("/etc/systemd/system")
@@ -401,21 +401,13 @@ def _toml_value(value: Any) -> str:
     raise InstallError(f"cannot write {value!r} as TOML")
 
 
-def nri_settings(config: Config, nri_mode: str) -> dict[str, Any]:
-    """containerd's NRI keys pysnap needs: NRI on, and (external plugin) the socket the plugin dials."""
-    settings: dict[str, Any] = {"disable": False}
-    if nri_mode != "preinstalled" and str(config.nri.socket) != str(NriConfig().socket):
-        settings["socket_path"] = str(config.nri.socket)
-    return settings
-
-
 def dropin_text(containerd_version: str, config_version: int, config: Config, options: Options,
                 main: dict[str, Any] | None, nri_in_main: bool) -> str:
-    parts = tuple(p for p in PARTS if p in options.components)
+    parts = tuple(p for p in PARTS if p in options.components and not (p == "nri" and nri_in_main))
     lines = [f"# {MARKER} for containerd {containerd_version}: pysnap's containerd settings, imported by",
              f"# {CONTAINERD_CONFIG}. Rewritten by every install: change {CONFIG} instead and run it again.",
              f"version = {config_version}",
-             _dropin_snippet(containerd_version, config, parts)]
+             _dropin_snippet(containerd_version, config, parts, options.nri_mode)]
     if containerd_version == "2" and "snapshotter" in parts:
         # containerd replaces the whole unpack_config array from an import: keep the main file's entries.
         ours = tomllib.loads(containerd_snippet(containerd_version, config, parts))
@@ -428,18 +420,15 @@ def dropin_text(containerd_version: str, config_version: int, config: Config, op
         for entry in kept:
             lines += ["", f'[[plugins."{TRANSFER_SECTION}".unpack_config]]']
             lines += [f"  {key} = {_toml_value(value)}" for key, value in entry.items()]
-    if "nri" in options.components and not nri_in_main:
-        lines += ["", f'[plugins."{NRI_SECTION}"]']
-        lines += [f"  {key} = {_toml_value(value)}" for key, value in nri_settings(config, options.nri_mode).items()]
     text = "\n".join(lines).rstrip("\n") + "\n"
     tomllib.loads(text)  # a bug here must never reach containerd
     return text
 
 
-def _dropin_snippet(containerd_version: str, config: Config, parts: tuple[str, ...]) -> str:
+def _dropin_snippet(containerd_version: str, config: Config, parts: tuple[str, ...], nri_mode: str) -> str:
     """``pysnap config containerd`` output, minus its advice for pasting into a main file (an
     imported file's disabled_plugins list is appended to the main file's by containerd)."""
-    lines = containerd_snippet(containerd_version, config, parts).rstrip("\n").splitlines()
+    lines = containerd_snippet(containerd_version, config, parts, nri_mode).rstrip("\n").splitlines()
     return "\n".join(line for line in lines if not line.startswith("# Top-level key:"))
 
 

@@ -66,9 +66,9 @@ def nri_section(node, disable: bool = False) -> str:
 
 
 def good_config(node, version: str = "2") -> str:
-    """What pysnap's own snippet says, plus NRI enabled on the plugin's socket."""
+    """What pysnap's own snippet says (NRI enabled on the plugin's socket included)."""
     header = "version = 3\n" if version == "2" else "version = 2\n"
-    return header + containerd_snippet(version, Config.load(node.config)) + nri_section(node)
+    return header + containerd_snippet(version, Config.load(node.config))
 
 
 def doctor_json(capsys, node, containerd_toml: str, tmp_path: Path) -> tuple[int, dict[str, dict]]:
@@ -158,7 +158,7 @@ def test_doctor_fails_and_says_how_to_enable_nri_when_it_is_disabled(capsys, nod
 
 def test_doctor_fails_when_containerd_17_leaves_nri_off_by_default(capsys, node, containerd, tmp_path):
     containerd("1.7")
-    config = "version = 2\n" + containerd_snippet("1.7", Config.load(node.config))  # no NRI section
+    config = "version = 2\n" + containerd_snippet("1.7", Config.load(node.config), ("snapshotter", "content"))
     code, checks = doctor_json(capsys, node, config, tmp_path)
     assert code == 1
     check = checks["containerd.config.nri"]
@@ -177,7 +177,7 @@ def test_doctor_fails_when_nri_listens_on_another_socket_than_the_plugin_dials(c
 
 def test_doctor_fails_on_config_version_3_for_containerd_17(capsys, node, containerd, tmp_path):
     containerd("1.7")
-    config = "version = 3\n" + containerd_snippet("1.7", Config.load(node.config)) + nri_section(node)
+    config = "version = 3\n" + containerd_snippet("1.7", Config.load(node.config))
     code, checks = doctor_json(capsys, node, config, tmp_path)
     assert code == 1
     check = checks["containerd.config.version"]
@@ -187,7 +187,7 @@ def test_doctor_fails_on_config_version_3_for_containerd_17(capsys, node, contai
 
 def test_doctor_fails_on_a_version_1_config_for_containerd_17(capsys, node, containerd, tmp_path):
     containerd("1.7")
-    config = containerd_snippet("1.7", Config.load(node.config)) + nri_section(node)  # no version key
+    config = containerd_snippet("1.7", Config.load(node.config))  # no version key
     code, checks = doctor_json(capsys, node, config, tmp_path)
     assert code == 1
     assert checks["containerd.config.version"]["status"] == "FAIL"

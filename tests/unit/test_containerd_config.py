@@ -129,3 +129,20 @@ def test_the_console_script_prints_the_snippet(empty_config):
     )
     assert result.returncode == 0, result.stderr
     assert tomllib.loads(result.stdout)["proxy_plugins"]["pysnap"]["address"] == SOCKET
+
+
+@pytest.mark.parametrize("version", ["1.7", "2"])
+def test_the_snippet_turns_nri_on(version):
+    snippet = tomllib.loads(containerd_snippet(version, Config()))
+    assert snippet["plugins"]["io.containerd.nri.v1.nri"] == {"disable": False}
+
+
+def test_the_snippet_points_nri_at_the_socket_the_plugin_dials():
+    config = Config.from_toml('[nri]\nsocket = "/run/test/nri.sock"\n')
+    snippet = tomllib.loads(containerd_snippet("1.7", config))
+    assert snippet["plugins"]["io.containerd.nri.v1.nri"]["socket_path"] == "/run/test/nri.sock"
+
+
+def test_the_snippet_leaves_nri_alone_when_not_asked():
+    snippet = tomllib.loads(containerd_snippet("2", Config(), ("snapshotter",)))
+    assert "io.containerd.nri.v1.nri" not in snippet.get("plugins", {})

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 from pysnap.config import ContentConfig
 from pysnap.errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange
-from pysnap.filters import labels_adaptor, parse_all
+from pysnap.filters import AllOf, AnyOf, Filter, Operator, Selector, labels_adaptor, parse_all
 from pysnap.sqlite import Database
 from pysnap.validation import updated_labels, validate_labels, validate_name
 
@@ -138,10 +138,22 @@ class ContentStore:
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         with self.db.read() as db:
-            labels: dict[str, dict[str, str]] = {}
-            for digest, key, value in db.execute("SELECT digest, key, value FROM labels"):
-                labels.setdefault(digest, {})[key] = value
-            rows = db.execute("SELECT digest, size, created_ns, updated_ns FROM blobs ORDER BY digest").fetchall()
+            wanted = _candidates(db, selector)
+            if wanted is None:  # scan everything
+                labels = _labels_by_digest(db.execute("SELECT digest, key, value FROM labels"))
+                rows = db.execute("SELECT digest, size, created_ns, updated_ns FROM blobs ORDER BY digest").fetchall()
+            else:  # only the blobs the index says can match
+                chosen = sorted(wanted)
+                rows, label_rows = [], []
+                for i in range(0, len(chosen), 500):
+                    batch = chosen[i:i + 500]
+                    marks = ",".join("?" * len(batch))
+                    rows += db.execute(f"SELECT digest, size, created_ns, updated_ns FROM blobs "
+                                       f"WHERE digest IN ({marks})", batch).fetchall()
+                    label_rows += db.execute(f"SELECT digest, key, value FROM labels WHERE digest IN ({marks})",
+                                             batch).fetchall()
+                rows.sort()
+                labels = _labels_by_digest(label_rows)
         infos = [BlobInfo(*row, labels=labels.get(row[0], {})) for row in rows]
         return [i for i in infos if selector.match(labels_adaptor({"digest": i.digest}, i.labels))]
 
@@ -279,6 +291,42 @@ class ContentStore:
             db.executemany("INSERT INTO blobs VALUES (?, ?, ?, ?)", added)
         if missing or added:
             log.warning("metadata reconciled with blobs/: %d rows dropped, %d blobs recorded", len(missing), len(added))
+
+
+def _labels_by_digest(rows) -> dict[str, dict[str, str]]:
+    labels: dict[str, dict[str, str]] = {}
+    for digest, key, value in rows:
+        labels.setdefault(digest, {})[key] = value
+    return labels
+
+
+def _candidates(db, selector: Filter) -> set[str] | None:
+    """Digests that can match ``selector``, found through the label index; None when the
+    filter cannot narrow the search (it is still applied to every result afterwards)."""
+    if isinstance(selector, AnyOf):
+        found: set[str] = set()
+        for member in selector.members:
+            part = _candidates(db, member)
+            if part is None:
+                return None
+            found |= part
+        return found
+    if isinstance(selector, AllOf):
+        parts = [p for p in (_candidates(db, m) for m in selector.members) if p is not None]
+        return set.intersection(*parts) if parts else None
+    if not isinstance(selector, Selector):
+        return None
+    path, op = selector.fieldpath, selector.operator
+    if path == ("digest",) and op is Operator.EQUAL:
+        return {selector.value}
+    if len(path) > 1 and path[0] == "labels" and op in (Operator.EQUAL, Operator.PRESENT):
+        key = ".".join(path[1:])
+        if op is Operator.EQUAL:
+            rows = db.execute("SELECT digest FROM labels WHERE key = ? AND value = ?", (key, selector.value))
+        else:
+            rows = db.execute("SELECT digest FROM labels WHERE key = ?", (key,))
+        return {row[0] for row in rows}
+    return None
 
 
 class BlobReader:

@@ -1072,3 +1072,22 @@ def test_a_20_mib_blob_written_in_8_mib_pieces_commits(store):
     assert committed.digest == expected
     assert store.info(expected).size == total
     assert os.path.getsize(store.blob_path(expected)) == total
+
+
+@pytest.mark.parametrize("filters", [
+    ["labels.team==a"], ["labels.team"], ["labels.team==a,labels.tier==gold"], ["labels.team==a", "labels.team==b"],
+    ["labels.team==a,digest~=^sha256:[0-7]"], ["labels.team!=a"], ["labels.tier~=^g"], ["labels.team==zzz"],
+    ["labels.team==a", "labels.tier"],
+])
+def test_label_filters_answered_from_the_index_equal_a_full_scan(store, filters):
+    from pysnap.filters import labels_adaptor, parse_all
+
+    for i in range(40):
+        labels = {"team": "ab"[i % 2]}
+        if i % 3 == 0:
+            labels["tier"] = "gold" if i % 2 else "silver"
+        write_blob(store, f"blob {i}".encode(), labels=labels)
+    everything = store.list()
+    selector = parse_all(filters)
+    expected = [i.digest for i in everything if selector.match(labels_adaptor({"digest": i.digest}, i.labels))]
+    assert [i.digest for i in store.list(filters)] == expected

@@ -7,10 +7,9 @@ metadata is never required (containerd's GC sends none).
 from __future__ import annotations
 
 import asyncio
-import functools
 import random
 from concurrent.futures import Executor
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import AsyncIterator
 
 from google.protobuf import empty_pb2
 
@@ -18,13 +17,13 @@ from pysnap._pb.containerd.services.content.v1 import content_pb2 as pb
 from pysnap._pb.containerd.services.content.v1 import content_pb2_grpc as pb_grpc
 from pysnap.errors import InvalidArgument, Unavailable
 from pysnap.metrics import Registry
+from pysnap.server import RunsInPool
 from pysnap.wire import timestamp
 
 from .ingest import WriteSession
 from .model import BlobInfo, IngestStatus, WriteAction, WriteRequest, WriteResponse
 from .store import ContentStore
 
-T = TypeVar("T")
 LIST_BATCH = 100
 
 
@@ -56,7 +55,7 @@ def write_response_to_pb(response: WriteResponse) -> pb.WriteContentResponse:
     return message
 
 
-class ContentServicer(pb_grpc.ContentServicer):
+class ContentServicer(RunsInPool, pb_grpc.ContentServicer):
     def __init__(self, store: ContentStore, executor: Executor, lock_wait_ms: int = 1000,
                  metrics: Registry | None = None) -> None:
         self.store = store
@@ -65,16 +64,6 @@ class ContentServicer(pb_grpc.ContentServicer):
         metrics = metrics or Registry()
         self._bytes_written = metrics.counter("content_ingested_bytes_total", "Bytes received by Write.")
         self._bytes_read = metrics.counter("content_read_bytes_total", "Bytes sent by Read.")
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
-
-    async def _run_to_completion(self, fn: Callable[..., T], *args: Any) -> T:
-        """Like ``_run``, but cancelling the RPC does not cancel the call: it runs to
-        its end in the pool, so a ref lock it takes or releases is never lost."""
-        loop = asyncio.get_running_loop()
-        return await asyncio.shield(loop.run_in_executor(self._executor, functools.partial(fn, *args)))
 
     async def Info(self, request, context):
         info = self.store.cached_info(request.digest) or await self._run(self.store.info, request.digest)

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import grp
 import inspect
 import logging
@@ -19,7 +21,8 @@ import socket
 import stat
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 from grpc import aio
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from .daemons import DaemonContext
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # what containerd dials proxy plugins with
 DRAIN_SECONDS = 10.0
@@ -114,36 +118,34 @@ async def _abort_with(context: aio.ServicerContext, exc: BaseException, observed
     await context.abort(code, message)
 
 
+@contextlib.asynccontextmanager
+async def _observing(method: str, metrics: RpcMetrics | None, context: aio.ServicerContext) -> AsyncIterator[None]:
+    """Around one RPC: count and time it, and turn what it raises into its status."""
+    observed = _Observed(method, metrics)
+    try:
+        yield
+    except asyncio.CancelledError:
+        observed.done(grpc.StatusCode.CANCELLED)
+        raise
+    except aio.AbortError:
+        raise
+    except Exception as exc:
+        await _abort_with(context, exc, observed)
+    else:
+        observed.done(grpc.StatusCode.OK)
+
+
 def _wrap(behavior: Callable[..., Any], method: str, metrics: RpcMetrics | None) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(behavior):
         async def streaming(request: Any, context: aio.ServicerContext) -> Any:
-            observed = _Observed(method, metrics)
-            try:
+            async with _observing(method, metrics, context):
                 async for response in behavior(request, context):
                     yield response
-            except asyncio.CancelledError:
-                observed.done(grpc.StatusCode.CANCELLED)
-                raise
-            except aio.AbortError:
-                raise
-            except Exception as exc:
-                await _abort_with(context, exc, observed)
-            observed.done(grpc.StatusCode.OK)
         return streaming
 
     async def unary(request: Any, context: aio.ServicerContext) -> Any:
-        observed = _Observed(method, metrics)
-        try:
-            response = await behavior(request, context)
-        except asyncio.CancelledError:
-            observed.done(grpc.StatusCode.CANCELLED)
-            raise
-        except aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort_with(context, exc, observed)
-        observed.done(grpc.StatusCode.OK)
-        return response
+        async with _observing(method, metrics, context):
+            return await behavior(request, context)
     return unary
 
 
@@ -169,6 +171,38 @@ class ErrorMapping(aio.ServerInterceptor):
                     response_serializer=handler.response_serializer,
                 )
         return handler
+
+
+async def in_pool(executor: Executor, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in the daemon's bounded thread pool: disk work never runs on the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args))
+
+
+class RunsInPool:
+    """For servicers: domain calls go to the daemon's thread pool (``self._executor``)."""
+
+    _executor: Executor
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await in_pool(self._executor, fn, *args)
+
+    async def _run_to_completion(self, fn: Callable[..., T], *args: Any) -> T:
+        """Like ``_run``, but cancelling the RPC does not cancel the call: it runs to its end
+        in the pool, so whatever it takes or releases (a lock, a file) is never lost."""
+        future = asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+        return await asyncio.shield(future)
+
+
+@contextlib.asynccontextmanager
+async def worker_pool(workers: int, name: str) -> AsyncIterator[ThreadPoolExecutor]:
+    """A daemon's thread pool: drained on a normal stop, abandoned after a failure."""
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    try:
+        yield executor
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
+    executor.shutdown(wait=True)
 
 
 def sd_notify(message: str) -> None:

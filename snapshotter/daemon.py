@@ -1,13 +1,10 @@
 """``pysnap serve snapshotter``: wire the core, the servicer and the server."""
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import ThreadPoolExecutor
-
 from pysnap._pb.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from pysnap.config import SnapshotterConfig
 from pysnap.daemons import DaemonContext
-from pysnap.server import serve
+from pysnap.server import in_pool, serve, worker_pool
 
 from .overlay import OverlaySnapshotter
 from .service import SnapshotsServicer
@@ -16,22 +13,12 @@ SERVICE = "containerd.services.snapshots.v1.Snapshots"
 
 
 async def run(config: SnapshotterConfig, ctx: DaemonContext) -> None:
-    loop = asyncio.get_running_loop()
-    executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="pysnap-snapshotter")
-    core = await loop.run_in_executor(executor, OverlaySnapshotter, config)
-    servicer = SnapshotsServicer(core, executor)
-    ctx.grpc_services = (SERVICE,)
-    ctx.probes.append(lambda: loop.run_in_executor(executor, core.count_by_kind))
-    ctx.metrics.gauge("snapshots", "Snapshots by kind.", ("kind",),
-                      lambda: {(kind.label,): n for kind, n in core.count_by_kind().items()})
-
-    async def shutdown() -> None:
-        await loop.run_in_executor(executor, core.close)
-        executor.shutdown(wait=True)
-
-    try:
+    async with worker_pool(config.workers, "pysnap-snapshotter") as executor:
+        core = await in_pool(executor, OverlaySnapshotter, config)
+        servicer = SnapshotsServicer(core, executor)
+        ctx.grpc_services = (SERVICE,)
+        ctx.probes.append(lambda: in_pool(executor, core.count_by_kind))
+        ctx.metrics.gauge("snapshots", "Snapshots by kind.", ("kind",),
+                          lambda: {(kind.label,): n for kind, n in core.count_by_kind().items()})
         await serve(config.address, lambda server: pb_grpc.add_SnapshotsServicer_to_server(servicer, server), ctx,
-                    socket_group=config.socket_group, on_stop=shutdown)
-    except BaseException:
-        executor.shutdown(wait=False)
-        raise
+                    socket_group=config.socket_group, on_stop=lambda: in_pool(executor, core.close))

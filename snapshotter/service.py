@@ -7,23 +7,21 @@ ignored, as containerd's own server does.
 """
 from __future__ import annotations
 
-import asyncio
-import functools
 from concurrent.futures import Executor
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import AsyncIterator
 
 from google.protobuf import empty_pb2
 
 from pysnap._pb.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from pysnap._pb.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from pysnap._pb.containerd.types import mount_pb2
+from pysnap.server import RunsInPool
 from pysnap.wire import timestamp
 
 from .model import Info, Kind
 from .mounts import Mount
 from .overlay import OverlaySnapshotter
 
-T = TypeVar("T")
 LIST_BATCH = 100
 
 
@@ -48,14 +46,10 @@ def info_from_pb(message: pb.Info) -> Info:
     return Info(message.name, message.parent, kind, 0, 0, dict(message.labels))
 
 
-class SnapshotsServicer(pb_grpc.SnapshotsServicer):
+class SnapshotsServicer(RunsInPool, pb_grpc.SnapshotsServicer):
     def __init__(self, core: OverlaySnapshotter, executor: Executor) -> None:
         self.core = core
         self._executor = executor
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
     async def Prepare(self, request, context):
         mounts = await self._run(self.core.prepare, request.key, request.parent, dict(request.labels))

@@ -27,6 +27,7 @@ import pytest
 from support import images as img
 from support.containerd import PYSNAP, VERSIONS, Containerd, mounts_under, unmount_all_under
 from support.cri import CriClient, CriError, Pod
+from support.processes import terminate
 from support.pysnapd import PysnapDaemon
 from support.registry import Registry
 from support.toolchain import require
@@ -142,14 +143,8 @@ class NriPlugin:
 
     def stop(self, timeout: float = 20.0) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=timeout)
+        if proc is not None:
+            terminate(proc, timeout)
 
 
 @dataclass

@@ -19,13 +19,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from . import toolchain
+from .processes import terminate
 
 REPO = Path(__file__).resolve().parents[2]
 PYSNAP = REPO / ".venv" / "bin" / "pysnap"
@@ -265,12 +265,7 @@ class Containerd:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             self._remove_tasks()
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=timeout)
+            terminate(proc, timeout)
         unmount_all_under(self.workdir)
         for d in (self.root, self.state):
             shutil.rmtree(d, ignore_errors=True)

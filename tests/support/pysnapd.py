@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 from .containerd import PYSNAP
+from .processes import terminate
 
 
 class PysnapDaemon:
@@ -47,14 +46,7 @@ class PysnapDaemon:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=timeout)
-        self.returncode = proc.returncode
+        self.returncode = terminate(proc, timeout)
 
     def log_tail(self, lines: int = 60) -> str:
         try:

@@ -10,12 +10,14 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import time
 import uuid
 from dataclasses import fields, replace
 from pathlib import Path
 
+import grpc
 import pytest
 
 from support import images as img
@@ -346,6 +348,41 @@ def test_snapshots_rm_of_parent_refused_like_overlayfs(stack, pulled_both, test_
         errors[snapshotter] = exc.value.stderr.replace(snapshotter, "SNAPSHOTTER").strip()
         assert base in snapshots_ls(stack, snapshotter)
     assert errors["pysnap"] == errors[OVERLAYFS]
+
+
+def scrape(socket_path: Path, path: str = "/metrics") -> tuple[str, str]:
+    """(status line, body) of an HTTP GET on a pysnap metrics endpoint (a unix socket)."""
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(10)
+        conn.connect(str(socket_path))
+        conn.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return head.splitlines()[0], body
+
+
+def test_metrics_after_a_pull_count_the_snapshot_rpcs_containerd_made(stack, pulled):
+    metrics = stack.daemon.address.with_name(stack.daemon.address.stem + "-metrics.sock")
+    status, body = scrape(metrics)
+    assert status.endswith("200 OK")
+    for series in ('pysnap_rpc_requests_total{method="Prepare",code="OK"}',
+                   'pysnap_rpc_requests_total{method="Commit",code="OK"}',
+                   'pysnap_rpc_duration_seconds_bucket{method="Prepare",le="+Inf"}',
+                   'pysnap_snapshots{kind="committed"}'):
+        assert series in body, f"{series} missing from {metrics}:\n{body[:3000]}"
+    assert scrape(metrics, "/healthz")[0].endswith("200 OK")
+
+
+def test_the_grpc_health_service_reports_serving(stack):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"unix://{stack.daemon.address}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "containerd.services.snapshots.v1.Snapshots"):
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_image_removal_leaves_no_snapshot_directory(stack, pulled, test_images):

@@ -16,9 +16,7 @@ which also times the handler and each containerd call inside it from the outside
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +29,7 @@ from .common import (REPO, Containerd, PysnapDaemon, Section, Table, fmt_ms, log
 from support import images as img
 from support.containerd import mounts_under
 from support.cri import CriClient
+from support.processes import terminate
 
 NAMESPACE = "k8s.io"
 POD_KEY = "volumes.pysnap.io/pod"
@@ -81,13 +80,8 @@ class Plugin:
 
     def stop(self, timeout: float = 20.0) -> dict[str, list[int]]:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=timeout)
+        if proc is not None:
+            terminate(proc, timeout)
         try:
             return json.loads(self.out.read_text())
         except (FileNotFoundError, ValueError):

@@ -36,7 +36,8 @@ from typing import Callable, Iterable
 
 from pysnap.errors import InvalidArgument
 from pysnap.report import WARNING, Finding, Removal, human_seconds
-from pysnap.sqlite import connect_readonly, connect_writer, immediate, integrity_problems, schema_version, snapshot
+from pysnap.sqlite import RootError, immediate, integrity_problems, snapshot
+from pysnap.sqlite import open_metadata as sqlite_open_metadata
 
 from .digests import HEX_LENGTH, parse_digest
 from .ingest import read_status
@@ -49,23 +50,8 @@ CHUNK = 1 << 20
 DAY_NS = 24 * 3600 * 10**9
 
 
-class RootError(Exception):
-    """The root can't be looked at: missing, unreadable, or written by another pysnap."""
-
-
 def open_metadata(root: Path, *, writable: bool = False) -> sqlite3.Connection:
-    path = Path(root) / "metadata.db"
-    if not path.is_file():
-        raise RootError(f"{path} does not exist: {root} is not a pysnap content root (yet)")
-    try:
-        connection = connect_writer(path) if writable else connect_readonly(path)
-        version = schema_version(connection)
-    except sqlite3.Error as exc:
-        raise RootError(f"{path}: {exc}") from None
-    if version != SCHEMA_VERSION:
-        connection.close()
-        raise RootError(f"{path}: metadata schema {version} is not the one this pysnap uses ({SCHEMA_VERSION})")
-    return connection
+    return sqlite_open_metadata(root, COMPONENT, SCHEMA_VERSION, writable=writable)
 
 
 def read_rows(connection: sqlite3.Connection) -> dict[str, int]:

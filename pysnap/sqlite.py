@@ -112,3 +112,24 @@ def integrity_problems(connection: sqlite3.Connection) -> list[str]:
     """``PRAGMA quick_check`` results other than "ok" (empty when the file is sound)."""
     rows = [row[0] for row in connection.execute("PRAGMA quick_check")]
     return [] if rows == ["ok"] else rows
+
+
+class RootError(Exception):
+    """A daemon's root can't be looked at: missing, unreadable, or written by another pysnap."""
+
+
+def open_metadata(root: Path, what: str, version: int, *, writable: bool = False) -> sqlite3.Connection:
+    """Open ``root``/metadata.db of a pysnap ``what`` (``snapshotter``, ``content``) from outside
+    its daemon, refusing a schema other than ``version``."""
+    path = Path(root) / "metadata.db"
+    if not path.is_file():
+        raise RootError(f"{path} does not exist: {root} is not a pysnap {what} root (yet)")
+    try:
+        connection = connect_writer(path) if writable else connect_readonly(path)
+        found = schema_version(connection)
+    except sqlite3.Error as exc:
+        raise RootError(f"{path}: {exc}") from None
+    if found != version:
+        connection.close()
+        raise RootError(f"{path}: metadata schema {found} is not the one this pysnap uses ({version})")
+    return connection

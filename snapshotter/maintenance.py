@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Iterable
 
 from pysnap.report import Finding, Removal
-from pysnap.sqlite import connect_readonly, connect_writer, immediate, integrity_problems, schema_version, snapshot
+from pysnap.sqlite import RootError, immediate, integrity_problems, snapshot
+from pysnap.sqlite import open_metadata as sqlite_open_metadata
 
 from .kernel import MountEntry, in_use_by_mounts, mount_entries
 from .metastore import SCHEMA_VERSION
@@ -35,10 +36,6 @@ from .orphans import REAPING_PREFIX
 from .usage import disk_usage
 
 COMPONENT = "snapshotter"
-
-
-class RootError(Exception):
-    """The root can't be looked at: missing, unreadable, or written by another pysnap."""
 
 
 @dataclass(frozen=True)
@@ -52,18 +49,7 @@ class Row:
 
 
 def open_metadata(root: Path, *, writable: bool = False) -> sqlite3.Connection:
-    path = Path(root) / "metadata.db"
-    if not path.is_file():
-        raise RootError(f"{path} does not exist: {root} is not a pysnap snapshotter root (yet)")
-    try:
-        connection = connect_writer(path) if writable else connect_readonly(path)
-        version = schema_version(connection)
-    except sqlite3.Error as exc:
-        raise RootError(f"{path}: {exc}") from None
-    if version != SCHEMA_VERSION:
-        connection.close()
-        raise RootError(f"{path}: metadata schema {version} is not the one this pysnap uses ({SCHEMA_VERSION})")
-    return connection
+    return sqlite_open_metadata(root, COMPONENT, SCHEMA_VERSION, writable=writable)
 
 
 def read_rows(connection: sqlite3.Connection) -> dict[int, Row]:

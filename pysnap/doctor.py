@@ -61,8 +61,9 @@ def run_checks(config: Config, containerd_config: Path, host: Host | None = None
                             + (f" and {imports} imported file{'s' if imports != 1 else ''}" if imports else "")))
     except ContainerdConfigError as exc:
         missing = not Path(containerd_config).exists()
-        advice = ("write it: `pysnap config containerd --version 2 > " + str(containerd_config) + "` (or --version "
-                  "1.7), or point --containerd-config at the file containerd uses"
+        advice = ("write it with `pysnap install`, or by hand: `(echo 'version = 3'; pysnap config containerd "
+                  f"--version 2) > {containerd_config}` (`version = 2` and --version 1.7 for containerd 1.7), "
+                  "or point --containerd-config at the file containerd uses"
                   if missing else "fix the file (containerd refuses to start with it)")
         checks.append(Check("containerd.config", Status.FAIL,
                             f"{exc}" + (": containerd runs with its defaults, without pysnap" if missing else ""),

@@ -39,6 +39,12 @@ def _metrics_endpoint(value: str) -> str | None:
     return None
 
 
+def _metrics_field(default_endpoint: str) -> Any:
+    """The ``metrics_address`` key every daemon has; empty means ``default_endpoint``."""
+    return _doc("Prometheus endpoint: 127.0.0.1:PORT, unix:/path, or off. Empty: a unix socket beside the "
+                f"daemon's own ({default_endpoint}).", _metrics_endpoint, default="")
+
+
 def _two_digits(value: str) -> str | None:
     return None if len(value) == 2 and value.isdigit() else "expected two digits, e.g. \"10\""
 
@@ -59,8 +65,7 @@ class SnapshotterConfig:
     durable_metadata: bool = _doc("fsync metadata.db on every change (SQLite synchronous=FULL).", default=True)
     workers: int = _doc("Threads doing disk work for RPCs.", default=8)
     socket_group: str = _doc("Group owning the socket (mode 0660); empty keeps root's group.", default="")
-    metrics_address: str = _doc("Prometheus endpoint: 127.0.0.1:PORT, unix:/path, or off. Empty: a unix "
-                                "socket beside the daemon's own (/run/pysnap/snapshotter-metrics.sock).", _metrics_endpoint, default="")
+    metrics_address: str = _metrics_field("/run/pysnap/snapshotter-metrics.sock")
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,7 @@ class ContentConfig:
     socket_group: str = _doc("Group owning the socket (mode 0660); empty keeps root's group.", default="")
     lock_wait_ms: int = _doc("How long a writer waits for a ref held by another writer before UNAVAILABLE.",
                              default=1000)
-    metrics_address: str = _doc("Prometheus endpoint: 127.0.0.1:PORT, unix:/path, or off. Empty: a unix "
-                                "socket beside the daemon's own (/run/pysnap/content-metrics.sock).", _metrics_endpoint, default="")
+    metrics_address: str = _metrics_field("/run/pysnap/content-metrics.sock")
 
 
 @dataclass(frozen=True)
@@ -99,8 +103,7 @@ class NriConfig:
     unpack_wait_ms: int = _doc("How long CreateContainer waits for an image being unpacked before failing "
                                "with a retriable error (NRI allows 2000 ms per request).", default=1200)
     reconnect_max_ms: int = _doc("Longest pause between reconnect attempts to the NRI socket.", default=5000)
-    metrics_address: str = _doc("Prometheus endpoint: 127.0.0.1:PORT, unix:/path, or off. Empty: a unix "
-                                "socket beside the daemon's own (<mount_root>/metrics.sock).", _metrics_endpoint, default="")
+    metrics_address: str = _metrics_field("<mount_root>/metrics.sock")
 
 
 @dataclass(frozen=True)
